@@ -103,6 +103,14 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_default(args: argparse.Namespace) -> int:
+    from pneumoscope.default_model import build
+
+    m = build(args.data, out=args.out, config=args.config, dest=args.dest)
+    log.info("default model: val AUC %.4f, threshold %.3f -> %s", m["val_auc"], m["threshold"], m["packed"])
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from pneumoscope.evaluate import evaluate
 
@@ -179,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ensemble", action="store_true", help="add a row for the mean probability of all models")
     s.set_defaults(func=_compare)
 
+    s = sub.add_parser("build-default-model", help="train pneumoscope/resources/default_model.yaml and pack it as the bundled model")
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", default="runs/default_model", help="run folder")
+    s.add_argument("--config", help="training config (default: pneumoscope/resources/default_model.yaml)")
+    s.add_argument("--dest", help="where to write the packed model (default: inside the package)")
+    s.set_defaults(func=_build_default)
+
     s = sub.add_parser("evaluate", help="metrics with confidence intervals, curves and calibration on a labelled folder")
     s.add_argument("--checkpoint", help="best.pt of a run (default: the bundled model)")
     s.add_argument("--data", required=True)
@@ -194,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["csv", "json"])
     s.add_argument("--device", default="auto")
     s.set_defaults(func=_predict)
+
+    from pneumoscope import experiments, explain, ood  # these modules import only numpy at the top
+    from pneumoscope.serve import register as register_serve
+    from pneumoscope.serve import register_db
+
+    ood.register_data_compare(data)
+    explain.register(sub)
+    experiments.register(sub)
+    register_serve(sub)
+    register_db(sub)
     return p
 
 

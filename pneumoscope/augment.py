@@ -1,0 +1,53 @@
+"""Augmentation on whole batches of tensors (one affine_grid/grid_sample call per batch, no per-image PIL).
+
+Images are float (B, 1, H, W) in [0, 1]. Parameters come from a ``torch.Generator`` so a run is reproducible
+and a resumed run draws exactly what an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _uniform(n: int, bound: float, g: torch.Generator) -> torch.Tensor:
+    return (torch.rand(n, generator=g) * 2 - 1) * bound
+
+
+def random_affine(x: torch.Tensor, g: torch.Generator, rotate_deg: float, scale: float, translate: float,
+                  hflip: bool = False) -> torch.Tensor:
+    """Small rotation, zoom and shift (and optional horizontal flip); the border is filled with black (air)."""
+    b = x.shape[0]
+    if rotate_deg == 0 and scale == 0 and translate == 0 and not hflip:
+        return x
+    a = _uniform(b, math.radians(rotate_deg), g)
+    s = 1 + _uniform(b, scale, g)
+    tx, ty = _uniform(b, 2 * translate, g), _uniform(b, 2 * translate, g)  # grid units span 2 per side
+    flip = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0) if hflip else torch.ones(b)
+    cos, sin = torch.cos(a) / s, torch.sin(a) / s
+    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_intensity(x: torch.Tensor, g: torch.Generator, brightness: float, contrast: float, gamma: float = 0.0) -> torch.Tensor:
+    """Per-image contrast around the image mean, additive brightness and gamma; clamped back to [0, 1]."""
+    b = x.shape[0]
+    shape = (b, 1, 1, 1)
+    if gamma > 0:
+        gam = torch.exp(_uniform(b, gamma, g)).view(shape).to(x.device, x.dtype)
+        x = x.clamp_min(1e-6) ** gam
+    if contrast > 0:
+        c = (1 + _uniform(b, contrast, g)).view(shape).to(x.device, x.dtype)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * c + mean
+    if brightness > 0:
+        x = x + _uniform(b, brightness, g).view(shape).to(x.device, x.dtype)
+    return x.clamp(0, 1)
+
+
+def augment_batch(x: torch.Tensor, g: torch.Generator, cfg) -> torch.Tensor:
+    """Apply the configured augmentation (a ``TrainConfig``) to a float batch in [0, 1]."""
+    x = random_affine(x, g, cfg.rotate_deg, cfg.scale, cfg.translate, cfg.hflip)
+    return random_intensity(x, g, cfg.brightness, cfg.contrast, cfg.gamma)

@@ -1,0 +1,119 @@
+"""Fixtures of the service tests: one tiny trained checkpoint per session, apps on temporary databases, and a
+real ``python -m pneumoscope serve`` process on a free local port."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pneumoscope.serve.app import create_app
+
+
+@pytest.fixture(scope="session")
+def checkpoint(chest_xray: Path, tmp_path_factory) -> Path:
+    """seed_cnn, 64 px, trained one epoch on 120 real images (a few seconds)."""
+    from pneumoscope.train import train
+
+    out = tmp_path_factory.mktemp("serve-run")
+    train(dict(data=str(chest_xray), model="seed_cnn", image_size=64, limit=120, epochs=1, batch_size=16,
+               threads=2, progress=False, out=str(out)))
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def predictor(checkpoint: Path):
+    from pneumoscope.predict import load
+
+    return load(checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def jpegs(chest_xray: Path) -> list[Path]:
+    """Real shared JPEGs, NORMAL and PNEUMONIA alternating."""
+    normal = sorted((chest_xray / "train" / "NORMAL").glob("*.jpeg"))[:6]
+    pneumonia = sorted((chest_xray / "train" / "PNEUMONIA").glob("*.jpeg"))[:6]
+    return [p for pair in zip(normal, pneumonia) for p in pair]
+
+
+@pytest.fixture
+def make_app(predictor, tmp_path):
+    """create_app on a fresh database in tmp_path, sharing the session's loaded model."""
+    def make(**kw):
+        return create_app(predictor, tmp_path / "studies.db", **kw)
+    return make
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``python -m pneumoscope serve`` in a subprocess (cwd: a temporary folder), waited for until /health answers."""
+
+    def __init__(self, checkpoint: Path, db: Path, cwd: Path, api_key: str | None = None, extra: list[str] = ()):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("PNEUMOSCOPE_API_KEY", None)
+        if api_key:
+            env["PNEUMOSCOPE_API_KEY"] = api_key
+        self.log = open(cwd / "server.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pneumoscope", "serve", "--checkpoint", str(checkpoint), "--db", str(db),
+             "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", *extra],
+            cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.cwd = cwd
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"server did not answer /health within 120 s:\n{self.output()}")
+            time.sleep(0.25)
+
+    def output(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return (self.cwd / "server.log").read_text(errors="replace")[-4000:]
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+
+@pytest.fixture
+def server_factory(checkpoint: Path, tmp_path: Path):
+    started: list[Server] = []
+
+    def start(**kw) -> Server:
+        s = Server(checkpoint, tmp_path / "studies.db", tmp_path, **kw)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()

@@ -1,0 +1,84 @@
+"""A real ``python -m pneumoscope serve`` process on 127.0.0.1: uploads over HTTP, and a SIGKILL in the middle of
+a burst of concurrent uploads that must leave an intact database holding every answered prediction."""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import httpx
+
+KEY = "server-test-key-42"
+H = {"X-API-Key": KEY}
+
+
+def test_real_server_predicts_a_shared_jpeg_and_dicom(server_factory, jpegs, dicom_dir, tmp_path):
+    s = server_factory(api_key=KEY)
+    dcm = dicom_dir / "chest_dx_nih_no_finding.dcm"
+    with httpx.Client(base_url=s.url, headers=H, timeout=60) as c:
+        health = httpx.get(s.url + "/health", timeout=10).json()
+        assert health["model"]["name"] == "seed_cnn" and health["api_key_required"] is True
+        assert httpx.get(s.url + "/studies", timeout=10).status_code == 401
+        r = c.post("/predict", files=[("file", (jpegs[1].name, jpegs[1].read_bytes(), "image/jpeg")),
+                                      ("file", (dcm.name, dcm.read_bytes(), "application/dicom"))])
+        assert r.status_code == 200, r.text
+        a, b = r.json()["results"]
+        assert (a["format"], b["format"], b["modality"]) == ("JPEG", "DICOM", "DX")
+        for x in (a, b):
+            assert 0.0 <= x["probability"] <= 1.0 and x["label"] in ("NORMAL", "PNEUMONIA")
+            assert x["heatmap_png_base64"]
+        img = c.get(b["image_url"])
+        assert img.status_code == 200 and img.content[:8] == b"\x89PNG\r\n\x1a\n"
+        assert c.get(b["report_url"]).json()["study"]["modality"] == "DX"
+        assert len(c.get("/studies").json()["studies"]) == 2
+    s.stop()  # SIGTERM: graceful shutdown
+    assert s.proc.returncode in (0, -15), s.output()  # recent uvicorn re-raises SIGTERM after its shutdown
+    assert "Application shutdown complete" in s.output()
+    conn = sqlite3.connect(tmp_path / "studies.db")
+    assert conn.execute("SELECT count(*) FROM predictions").fetchone()[0] == 2
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_sigkill_during_a_burst_loses_no_answered_prediction(server_factory, jpegs, tmp_path):
+    s = server_factory()
+    answered: list[tuple[int, str]] = []
+    failures: list[str] = []
+    lock, stop = threading.Lock(), threading.Event()
+    payloads = [(p.name, p.read_bytes()) for p in jpegs]
+
+    def client(i: int) -> None:
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            n = i
+            while not stop.is_set():
+                name, data = payloads[n % len(payloads)]
+                n += 1
+                try:
+                    r = c.post("/predict?heatmap=false", files=[("file", (name, data, "image/jpeg"))])
+                except httpx.TransportError:
+                    return  # the server is gone
+                with lock:
+                    if r.status_code == 200:
+                        answered.extend((x["prediction_id"], x["study_id"]) for x in r.json()["results"])
+                    else:
+                        failures.append(r.text)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 90
+    while len(answered) < 30 and time.monotonic() < deadline and not failures:
+        time.sleep(0.05)
+    s.kill()  # SIGKILL while the clients are still sending
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert failures == [] and len(answered) >= 30, (failures[:3], len(answered), s.output())
+
+    conn = sqlite3.connect(tmp_path / "studies.db")  # recovers the WAL left behind
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    stored = dict(conn.execute("SELECT id, study_id FROM predictions").fetchall())
+    missing = [(pid, sid) for pid, sid in answered if stored.get(pid) != sid]
+    assert missing == []
+    studies = {r[0] for r in conn.execute("SELECT id FROM studies")}
+    assert {sid for _, sid in answered} <= studies
+    assert len(studies) == len({sid for sid in stored.values()}) <= len(payloads)  # duplicates: one study each

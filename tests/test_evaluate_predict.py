@@ -1,0 +1,92 @@
+"""`evaluate` and `predict` on a checkpoint trained on a small real subset (through the CLI, as a user runs them)."""
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pneumoscope.cli import main
+from pneumoscope.train import train
+
+
+@pytest.fixture(scope="module")
+def ckpt(chest_xray, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    train(dict(data=str(chest_xray), model="seed_cnn", image_size=64, limit=200, epochs=2, batch_size=16,
+               threads=2, progress=False, out=str(out)))
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def small_split_dir(chest_xray, tmp_path_factory):
+    """A tiny train/val/test layout built from real images (copies in tmp, never in the repo)."""
+    root = tmp_path_factory.mktemp("layout")
+    for cls in ("NORMAL", "PNEUMONIA"):
+        files = sorted((chest_xray / "train" / cls).glob("*.jpeg"))[-12:]
+        for i, f in enumerate(files):
+            split = "test" if i % 2 else "train"
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, root / split / cls / f.name)
+    (root / "test" / "NORMAL" / "corrupt.jpeg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    return root
+
+
+def test_evaluate_writes_report(ckpt, small_split_dir, tmp_path):
+    out = tmp_path / "rep"
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(small_split_dir), "--split", "test", "--out", str(out)]) == 0
+    r = json.loads((out / "report.json").read_text())
+    for k in ("n", "accuracy", "sensitivity", "specificity", "precision", "f1", "auc", "threshold", "confusion", "ci"):
+        assert k in r, k
+    assert r["n"] == 12  # the corrupt file is listed, not counted
+    assert set(r["confusion"]) == {"tp", "fp", "tn", "fn"} and sum(r["confusion"].values()) == 12
+    for k in ("accuracy", "sensitivity", "specificity", "auc"):
+        lo, hi = r["ci"][k]
+        assert lo <= r[k] <= hi
+    assert "calibration" in r and r["calibration"]["temperature"] > 0
+    assert [u["path"].endswith("corrupt.jpeg") for u in r["extra"]["unreadable"]] == [True]
+    for f in ("report.md", "roc.png", "pr.png", "confusion.png", "reliability.png"):
+        assert (out / f).stat().st_size > 0
+
+
+def test_evaluate_needs_split_choice(ckpt, small_split_dir, tmp_path):
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(small_split_dir), "--out", str(tmp_path)]) == 2
+
+
+def test_predict_csv_lists_bad_files(ckpt, small_split_dir, tmp_path, capsys):
+    target = small_split_dir / "test" / "NORMAL"
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--checkpoint", str(ckpt), str(target), "-o", str(out)]) == 0
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert len(rows) == 7
+    bad = [r for r in rows if r["error"]]
+    assert len(bad) == 1 and bad[0]["path"].endswith("corrupt.jpeg")
+    good = [r for r in rows if not r["error"]]
+    assert all(0 <= float(r["probability"]) <= 1 and r["label"] in ("NORMAL", "PNEUMONIA") for r in good)
+    assert all(r["patient_id"].startswith(("IM-", "NORMAL2-IM-")) for r in good)
+
+
+def test_predict_json_dicom(ckpt, dicom_dir):
+    r = subprocess.run([sys.executable, "-m", "pneumoscope", "predict", "--checkpoint", str(ckpt), "--format", "json",
+                        str(dicom_dir / "chest_dx_nih_no_finding.dcm"), str(dicom_dir / "abdomen_ot_scout.dcm")],
+                       capture_output=True, text=True, check=True)
+    res = json.loads(r.stdout)
+    assert 0 <= res[0]["probability"] <= 1 and "error" not in res[0]
+    assert "not a radiograph" in res[1]["error"] or "OT" in res[1]["error"]
+
+
+def test_predict_arrays_match_paths(ckpt, chest_xray):
+    import numpy as np
+
+    from pneumoscope.data.images import read_image
+    from pneumoscope.predict import load
+
+    p = sorted((chest_xray / "train" / "PNEUMONIA").glob("*.jpeg"))[0]
+    pred = load(ckpt, device="cpu")
+    a = pred.predict([p])[0]["probability"]
+    b = pred.predict([read_image(p)[0]])[0]["probability"]
+    assert abs(a - b) < 1e-3
+    with pytest.raises(ValueError, match=r"expected \[0, 1\]"):
+        pred.predict([np.full((10, 10), 2.0, np.float32)])

@@ -1,0 +1,114 @@
+"""Training on small real subsets: artefacts, resume after a kill, reload in a fresh process, bad config values."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pneumoscope.checkpoint import load_checkpoint
+from pneumoscope.errors import ConfigError
+from pneumoscope.train import train
+
+SMALL = dict(model="seed_cnn", image_size=64, limit=160, batch_size=16, threads=2, progress=False, seed=3)
+
+
+@pytest.fixture(scope="module")
+def run(chest_xray, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    metrics = train(dict(SMALL, data=str(chest_xray), epochs=1, out=str(out)))
+    return out, metrics
+
+
+def test_one_epoch_produces_every_artefact(run):
+    out, m = run
+    for name in ("config.yaml", "history.csv", "history.json", "curves.png", "best.pt", "last.pt", "metrics.json"):
+        assert (out / name).stat().st_size > 0, name
+    hist = json.loads((out / "history.json").read_text())
+    assert len(hist) == 1
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "val_auc", "val_sensitivity", "val_specificity", "seconds"):
+        assert np.isfinite(hist[0][key]), key
+    assert m["n_val"] > 0 and m["n_train"] > 0 and m["epochs_run"] == 1
+    ck = load_checkpoint(out / "best.pt")
+    assert 0 < ck["threshold"] < 1 and ck["temperature"] > 0
+    assert ck["threshold_info"]["method"] == "youden"
+    assert ck["preprocess"]["input_size"] == 64 and ck["label_names"] == ["NORMAL", "PNEUMONIA"]
+    assert "train_state" in load_checkpoint(out / "last.pt")
+    # the validation split is patient-disjoint from training
+    assert "patient-level" in m["validation"]
+
+
+def test_reload_in_fresh_process_gives_identical_probabilities(run, chest_xray):
+    out, _ = run
+    from pneumoscope.predict import load
+
+    paths = [str(p) for p in sorted((chest_xray / "train" / "NORMAL").glob("*.jpeg"))[:3]]
+    here = [r["probability"] for r in load(out / "best.pt", device="cpu").predict(paths)]
+    code = ("import json,sys; from pneumoscope.predict import load; "
+            "print(json.dumps([r['probability'] for r in load(sys.argv[1], device='cpu').predict(sys.argv[2:])]))")
+    there = json.loads(subprocess.run([sys.executable, "-c", code, str(out / "best.pt"), *paths],
+                                      capture_output=True, text=True, check=True).stdout)
+    assert here == there
+    assert len(set(here)) == 3  # three different images, three different probabilities
+
+
+def test_resume_after_kill_equals_straight_run(chest_xray, tmp_path):
+    cfg = dict(SMALL, data=str(chest_xray), epochs=4, patience=10)
+    straight = train(dict(cfg, out=str(tmp_path / "straight")))
+    killed = tmp_path / "killed"
+    code = ("import sys, json; from pneumoscope.train import train; "
+            "train(json.loads(sys.argv[1]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(dict(cfg, out=str(killed)))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        h = killed / "history.json"
+        if h.exists() and h.stat().st_size > 0:
+            try:
+                if len(json.loads(h.read_text())) >= 1:
+                    break
+            except json.JSONDecodeError:
+                pass
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = load_checkpoint(killed / "last.pt")["epoch"]
+    assert done < 4, "the run finished before it could be killed; the test proves nothing"
+    resumed = train(resume=str(killed))
+    assert resumed["epochs_run"] == straight["epochs_run"] == 4
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")["state_dict"]
+    b = load_checkpoint(killed / "last.pt")["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert [round(h["val_loss"], 6) for h in resumed["history"]] == [round(h["val_loss"], 6) for h in straight["history"]]
+
+
+@pytest.mark.parametrize("override,match", [
+    (dict(epochs=-1), "epochs"),
+    (dict(epochs=0), "epochs"),
+    (dict(model="nope"), "unknown model"),
+    (dict(image_size=0), "image_size"),
+    (dict(val_fraction=1.2), "val_fraction"),
+    (dict(threshold="best"), "threshold"),
+    (dict(imbalance="magic"), "imbalance"),
+])
+def test_bad_config_values(chest_xray, tmp_path, override, match):
+    with pytest.raises(ConfigError, match=match):
+        train(dict(SMALL, data=str(chest_xray), out=str(tmp_path), **override))
+
+
+def test_yaml_config_and_flag_override(chest_xray, tmp_path):
+    from pneumoscope.config import load_config
+
+    y = tmp_path / "c.yaml"
+    y.write_text(f"data: {chest_xray}\nepochs: 7\nimage-size: 96\n")
+    c = load_config(y, epochs=3)
+    assert (c.epochs, c.image_size, c.data) == (3, 96, str(chest_xray))
+    y.write_text("epochz: 3\n")
+    with pytest.raises(ConfigError, match="epochz"):
+        load_config(y)
