@@ -1,5 +1,6 @@
 """Inference speed: single-image latency (JPEG on disk -> decode -> resize -> logits) and batch throughput,
-PyTorch eager (pneumoscope.predict.Predictor, fp32 and bf16) vs ONNX Runtime (pneumoscope.export.OnnxBackend).
+PyTorch eager (pneumoscope.predict.Predictor, fp32 and bf16) vs ONNX Runtime (pneumoscope.export.OnnxBackend, fp32
+and int8 from pneumoscope.export.quantize_onnx calibrated on 64 shared training images).
 
 Models: seed_cnn at 150 px (random init) and efficientnet_lite0 at 224 px (the packaged ImageNet weights folded to
 one channel, so activations look like a real model's; speed does not depend on the weights otherwise).
@@ -23,7 +24,7 @@ import torch
 
 from pneumoscope.bench import describe, device_description
 from pneumoscope.data.images import load_uint8
-from pneumoscope.export import OnnxBackend, export_model
+from pneumoscope.export import OnnxBackend, calibration_images, export_model, quantize_onnx
 from pneumoscope.models import create_model
 from pneumoscope.predict import Predictor
 
@@ -95,11 +96,14 @@ def main(argv: list[str] | None = None) -> int:
             name, size = spec.split(":")[0], int(spec.split(":")[1])
             model = build(name, size)
             onnx_path = export_model(model, model.preprocess, Path(tmp) / f"{name}.onnx")
+            int8_path = quantize_onnx(onnx_path, Path(tmp) / f"{name}.int8.onnx",
+                                      calibration_images(args.data / "train", size))
             batch = np.stack([load_uint8(p, size) for p in paths[: args.batch_size]])
             for threads in thread_counts:
                 torch.set_num_threads(threads)
                 backends = {"pytorch fp32": torch_logits(model), "pytorch bf16": torch_logits(model, torch.bfloat16),
-                            "onnxruntime": OnnxBackend(onnx_path, threads=threads).logits}
+                            "onnxruntime": OnnxBackend(onnx_path, threads=threads).logits,
+                            "onnxruntime int8": OnnxBackend(int8_path, threads=threads).logits}
                 for bname, fn in backends.items():
                     wall, cpu = throughput(fn, batch, args.seconds)
                     r = {"model": name, "size": size, "backend": bname, "threads": threads,

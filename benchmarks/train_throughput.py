@@ -106,7 +106,8 @@ def images_per_s(step: Step, warmup: int, steps: int) -> tuple[float, float]:
 
 def profile(step: Step, steps: int = 5, rows: int = 15) -> str:
     """Top operators by self CPU time over ``steps`` training steps (after 2 warm-up steps)."""
-    from torch.profiler import ProfilerActivity, profile as prof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
 
     for _ in range(2):
         step()

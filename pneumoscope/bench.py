@@ -144,8 +144,8 @@ def to_markdown(dev: dict, rows: list[dict], model: str) -> str:
     for r in rows:
         lines.append(f"| {r['name']} | {r['device']} | {r['threads']} | {r['precision']} | {r['seconds_per_epoch']:.2f} "
                      f"| {r['images_per_s']:.1f} | {r['speedup']:.2f}x |")
-    lines += ["", "s/epoch includes the validation pass; images/s counts training steps only (augmentation, forward, "
-              "backward, optimizer).", ""]
+    lines += ["", ("s/epoch includes the validation pass; images/s counts training steps only (augmentation, "
+                   "forward, backward, optimizer)."), ""]
     return "\n".join(lines)
 
 

@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="metrics with confidence intervals, curves and calibration on a labelled folder")
     s.add_argument("--checkpoint", help="best.pt of a run (default: the bundled model)")
     s.add_argument("--data", required=True)
-    s.add_argument("--split", help="split to evaluate in a train/val/test layout, e.g. test")
+    s.add_argument("--split", help="split of a train/val/test layout (e.g. test), or 'validation': the checkpoint's own "
+                                   "patient-level validation split re-made from its stored config")
     s.add_argument("--out", default="report", help="report folder (default ./report)")
     s.add_argument("--device", default="auto")
     s.set_defaults(func=_evaluate)
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.set_defaults(func=_predict)
 
-    from pneumoscope import experiments, explain, ood  # these modules import only numpy at the top
+    from pneumoscope import bench, experiments, explain, export, ood  # these import only numpy/stdlib at the top
     from pneumoscope.serve import register as register_serve
     from pneumoscope.serve import register_db
 
@@ -219,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     experiments.register(sub)
     register_serve(sub)
     register_db(sub)
+    export.register(sub)
+    bench.register(sub)
     return p
 
 

@@ -35,7 +35,13 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, out: str | Path, s
 
     pred = load(checkpoint, device=device)
     labels = "binary" if len(pred.label_names) == 2 else "ternary"
-    ds, samples = select_split(data, split, labels)
+    if split == "validation":  # the checkpoint's own patient-level validation split, re-made from its config
+        from pneumoscope.checkpoint import load_checkpoint
+        from pneumoscope.shift import evaluation_samples
+
+        samples, _ = evaluation_samples(load_checkpoint(pred.info["checkpoint"]), data)
+    else:
+        _, samples = select_split(data, split, labels)
     d = decode_all([s.path for s in samples], pred.preprocess.input_size, progress=progress)
     keep = np.flatnonzero(d.ok)
     if len(keep) == 0:

@@ -8,14 +8,16 @@ beyond "decode to grey and resize to S x S", and cannot get the mean/std wrong.
 Everything else a predictor needs travels inside the file as ONNX ``metadata_props`` (each value a JSON string):
 ``pneumoscope.preprocess``, ``pneumoscope.label_names``, ``pneumoscope.threshold``, ``pneumoscope.temperature``,
 ``pneumoscope.arch``, ``pneumoscope.source_sha256`` (of the checkpoint), ``pneumoscope.version``,
-``pneumoscope.input``. See docs/speed.md.
+``pneumoscope.input``; an int8 model (``quantize_onnx``) adds ``pneumoscope.quantization``. See docs/speed.md.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 from pneumoscope.errors import CheckpointError
@@ -56,7 +58,8 @@ def export_model(model, preprocess, onnx_path: str | Path, *, opset: int = 18, m
     from pneumoscope import __version__
 
     pre = preprocess
-    wrapped = _wrap_uint8(model.float().eval().to(memory_format=torch.contiguous_format), pre)
+    model = copy.deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)  # caller's model untouched
+    wrapped = _wrap_uint8(model, pre)
     s = pre.input_size
     example = torch.randint(0, 256, (2, pre.channels, s, s), dtype=torch.uint8)  # batch 2: not specialised to 1
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -100,6 +103,62 @@ def export_onnx(checkpoint: str | Path, onnx_path: str | Path, opset: int = 18) 
     log.info("exported %s -> %s (%.1f MB); max |logit difference| to PyTorch on a random batch: %.2e",
              checkpoint, path, path.stat().st_size / 1e6, diff)
     return path
+
+
+def quantize_onnx(onnx_path: str | Path, out_path: str | Path, calibration_u8) -> Path:
+    """Static int8 quantisation of an exported model, calibrated on real images: about 2x the images/s on CPUs with
+    AVX512-VNNI/AVX-VNNI (int8 dot products). On the fully trained seed_cnn: probabilities within 0.026 of fp32 and
+    the same labels on 600 images; check on your own validation data before deploying it.
+
+    ``calibration_u8``: uint8 (N, S, S) or (N, 1, S, S), e.g. 64 training images prepared like ``Predictor.prepare``.
+    QDQ format, int8 weights per output channel, uint8 activations (min/max calibration). Metadata is kept.
+    """
+    import numpy as np
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    x = np.ascontiguousarray(calibration_u8, dtype=np.uint8)
+    x = x[:, None] if x.ndim == 3 else x
+    batches = [{INPUT_NAME: x[i:i + 8]} for i in range(0, len(x), 8)]
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(batches)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pneumoscope-quant-") as tmp:
+        pre, q = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        quant_pre_process(str(onnx_path), str(pre))
+        quantize_static(str(pre), str(q), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        model = onnx.load(str(q))
+        entry = model.metadata_props.add()
+        entry.key = META_PREFIX + "quantization"
+        entry.value = json.dumps({"method": "static int8 QDQ, per-channel weights, uint8 activations",
+                                  "calibration_images": len(x), "source": Path(onnx_path).name})
+        tmp_out = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        onnx.save(model, str(tmp_out))
+        os.replace(tmp_out, out)
+    return out
+
+
+def calibration_images(folder: str | Path, size: int, n: int = 64, seed: int = 0):
+    """``n`` images (seeded random choice) from the image files under ``folder``, as uint8 (n, size, size)."""
+    import numpy as np
+
+    from pneumoscope.data.images import load_uint8
+    from pneumoscope.predict import expand_paths
+
+    paths = expand_paths([folder]) if Path(folder).is_dir() else []
+    if not paths:
+        raise CheckpointError(f"no image files under {folder} to calibrate the int8 model on; pass a folder of X-rays")
+    pick = np.random.default_rng(seed).choice(len(paths), size=min(n, len(paths)), replace=False)
+    return np.stack([load_uint8(paths[i], size) for i in sorted(pick)])
 
 
 class OnnxBackend:
@@ -169,16 +228,18 @@ def load_onnx_predictor(onnx_path: str | Path, threads: int = 0):
     info = {"name": (m.get("arch") or {}).get("name"), "checkpoint": str(onnx_path), "version": m.get("version"),
             "checksum": "sha256:" + str(m.get("source_sha256")), "epoch": m.get("epoch"), "threshold": float(threshold),
             "temperature": backend.temperature, "label_names": list(backend.label_names), "backend": "onnxruntime"}
-    p = Predictor(model=None, preprocess=backend.preprocess, label_names=backend.label_names,
-                  threshold=float(threshold), temperature=backend.temperature, info=info)
-    p.logits = backend.logits  # until Predictor has a `backend` field (see docs/speed.md)
-    return p
+    return Predictor(model=None, preprocess=backend.preprocess, label_names=backend.label_names,
+                     threshold=float(threshold), temperature=backend.temperature, info=info, backend=backend)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
 def _cli(args: argparse.Namespace) -> int:
     path = export_onnx(args.checkpoint, args.onnx, opset=args.opset)
     log.info("wrote %s", path)
+    if args.int8_calibration:
+        size = OnnxBackend(path).preprocess.input_size
+        q = quantize_onnx(path, path.with_suffix(".int8.onnx"), calibration_images(args.int8_calibration, size))
+        log.info("wrote %s (int8, calibrated on images from %s)", q, args.int8_calibration)
     return 0
 
 
@@ -188,4 +249,6 @@ def register(sub) -> None:
     s.add_argument("--checkpoint", required=True, help="best.pt of a training run")
     s.add_argument("--onnx", required=True, help="output file, e.g. model.onnx")
     s.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    s.add_argument("--int8-calibration", metavar="DIR", help="also write MODEL.int8.onnx, int8 quantised and "
+                   "calibrated on 64 images from DIR (e.g. the training folder)")
     s.set_defaults(func=_cli)

@@ -44,7 +44,7 @@ def expand_paths(inputs: list[str | Path]) -> list[Path]:
 
 @dataclass
 class Predictor:
-    model: torch.nn.Module
+    model: torch.nn.Module | None
     preprocess: Preprocess
     label_names: tuple[str, ...]
     threshold: float
@@ -52,6 +52,7 @@ class Predictor:
     info: dict = field(default_factory=dict)  # name, version, checksum, threshold provenance
     device: torch.device = torch.device("cpu")
     amp: torch.dtype | None = None
+    backend: object | None = None  # e.g. pneumoscope.export.OnnxBackend: .logits(batch_u8) -> np.ndarray
     ood_reference: object | None = None  # ood.EmbeddingReference shipped in the checkpoint, if any
 
     # -- preprocessing: the same uint8 resize as training's decode
@@ -92,10 +93,12 @@ class Predictor:
                  "the model may not apply to this image"] if x > t else [] for x in np.atleast_1d(d)]
 
     def logits(self, batch_u8: np.ndarray) -> np.ndarray:
+        if self.backend is not None:
+            return self.backend.logits(batch_u8)
         x = torch.from_numpy(np.ascontiguousarray(batch_u8)).unsqueeze(1)
         return predict_logits(self.model, x, self.preprocess, self.device, self.amp)
 
-    def predict(self, items: list, batch_size: int = 64) -> list[dict]:
+    def predict(self, items: list, batch_size: int = 16) -> list[dict]:
         """One dict per input: probability (raw and calibrated), label at the stored threshold, or an error."""
         if isinstance(items, (str, Path, np.ndarray)):
             items = [items]
@@ -144,6 +147,10 @@ def load(checkpoint: str | Path | None = None, device: str = "auto", precision: 
     Prediction runs in fp32 by default so probabilities are reproducible across machines.
     """
     path = Path(checkpoint) if checkpoint else default_checkpoint()
+    if path.suffix.lower() == ".onnx":  # exported by pneumoscope export: preprocessing and threshold inside
+        from pneumoscope.export import load_onnx_predictor
+
+        return load_onnx_predictor(path)
     ckpt = load_checkpoint(path)
     dev = pick_device(device)
     model = model_from_checkpoint(ckpt).to(dev).to(memory_format=torch.channels_last)

@@ -191,7 +191,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, x: torch.Tensor, pre, device: torch.device, amp: torch.dtype | None,
-                   batch_size: int = 128) -> np.ndarray:
+                   batch_size: int = 16) -> np.ndarray:
     model.eval()
     out = []
     for i in range(0, len(x), batch_size):
@@ -417,6 +417,10 @@ def train(cfg: TrainConfig | dict | str | None = None, *, resume: str | None = N
             log.info("early stopping: no better validation AUC for %d epochs", since_best) if dist.main else None
             break
 
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()  # rank 0 has saved this run's last best.pt before any rank reads it
     best = load_checkpoint(best_path) if best_path.exists() else None
     metrics = {
         "run_dir": str(out), "model": cfg.model, "image_size": pre.input_size, "labels": list(label_names),

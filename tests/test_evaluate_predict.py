@@ -9,15 +9,11 @@ import sys
 import pytest
 
 from pneumoscope.cli import main
-from pneumoscope.train import train
 
 
 @pytest.fixture(scope="module")
-def ckpt(chest_xray, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    train(dict(data=str(chest_xray), model="seed_cnn", image_size=64, limit=200, epochs=2, batch_size=16,
-               threads=2, progress=False, out=str(out)))
-    return out / "best.pt"
+def ckpt(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

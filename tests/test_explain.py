@@ -12,19 +12,7 @@ from scipy.stats import spearmanr
 from pneumoscope.explain import explain, heatmap, heatmaps, overlay_png, pneumonia_logit, register
 from pneumoscope.models import create_model, list_models
 from pneumoscope.predict import Predictor, load
-from pneumoscope.train import train
 
-# The tiny model of these tests: 300 training images, 3 epochs at 64 px. lr 3e-3 because at the default 1e-3
-# three epochs leave seed_cnn with nearly constant logits (and all-zero Grad-CAM maps).
-TINY = dict(model="seed_cnn", image_size=64, limit=300, epochs=3, lr=3e-3, batch_size=16, threads=2, progress=False)
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(chest_xray, tmp_path_factory):
-    out = tmp_path_factory.getbasetemp() / "tiny_seed_cnn_64"  # shared with test_shift / test_ood in one session
-    if not (out / "best.pt").exists():
-        train(dict(TINY, data=str(chest_xray), out=str(out)))
-    return out / "best.pt"
 
 
 @pytest.fixture(scope="module")

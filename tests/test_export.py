@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from pneumoscope.checkpoint import file_sha256, load_checkpoint
+from pneumoscope.data.images import load_uint8
 from pneumoscope.errors import CheckpointError
-from pneumoscope.export import INPUT_NAME, OnnxBackend, export_model, load_onnx_predictor, register
+from pneumoscope.export import INPUT_NAME, OnnxBackend, calibration_images, export_model, load_onnx_predictor, register
 from pneumoscope.models import create_model
 from pneumoscope.predict import load
-from pneumoscope.train import train
+from pneumoscope.train import pneumonia_score, train
 
 # torch.export's own deprecation noise (GRU flat weights, _check_is_size): not ours to fix
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
@@ -32,7 +33,13 @@ def exported(chest_xray, tmp_path_factory):
                progress=False, out=str(tmp)))
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
-    args = parser.parse_args(["export", "--checkpoint", str(tmp / "best.pt"), "--onnx", str(tmp / "model.onnx")])
+    calib = tmp_path_factory.mktemp("calib")  # a small calibration folder: 8 real images of each class
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (calib / cls).mkdir()
+        for p in sorted((chest_xray / "train" / cls).glob("*.jpeg"))[10:18]:
+            (calib / cls / p.name).symlink_to(p)
+    args = parser.parse_args(["export", "--checkpoint", str(tmp / "best.pt"), "--onnx", str(tmp / "model.onnx"),
+                              "--int8-calibration", str(calib)])
     assert args.func(args) == 0
     return tmp / "best.pt", tmp / "model.onnx"
 
@@ -70,6 +77,25 @@ def test_metadata_round_trips(exported):
     assert isinstance(inp.shape[0], str)  # symbolic batch dimension
 
 
+def test_int8_model_keeps_metadata_and_probabilities(exported, chest_xray):
+    ckpt, onnx_path = exported
+    fp32, int8 = OnnxBackend(onnx_path), OnnxBackend(onnx_path.with_suffix(".int8.onnx"))
+    assert int8.metadata["quantization"]["calibration_images"] == 16
+    assert int8.preprocess == fp32.preprocess and int8.threshold == fp32.threshold
+    assert int8.temperature == fp32.temperature and int8.metadata["source_sha256"] == file_sha256(ckpt)
+    batch = np.stack([load_uint8(p, 64) for p in real_images(chest_xray)])
+    p32 = pneumonia_score(fp32.logits(batch), fp32.temperature)
+    p8 = pneumonia_score(int8.logits(batch), int8.temperature)
+    assert np.abs(p8 - p32).max() < 0.05  # int8 rounding; on the fully trained seed_cnn: max 0.025 over 600 images
+
+
+def test_calibration_images_are_real_and_sized(chest_xray):
+    x = calibration_images(chest_xray / "train", 48, n=6)
+    assert x.shape == (6, 48, 48) and x.dtype == np.uint8 and x.std() > 10
+    with pytest.raises(CheckpointError, match="no image files"):
+        calibration_images(chest_xray.parent / "dicom" / "nonexistent", 48)
+
+
 def test_onnx_predictor_matches_torch_predictor(exported, chest_xray):
     ckpt, onnx_path = exported
     paths = real_images(chest_xray, 3)
@@ -84,8 +110,6 @@ def test_onnx_predictor_matches_torch_predictor(exported, chest_xray):
 @pytest.mark.parametrize("name,size", [("cnn_rnn", 48), ("efficientnet_lite0", 64)])
 def test_other_architectures_export(name, size, chest_xray, tmp_path):
     """Random init; BatchNorm statistics set on real images first so the logits differ between images."""
-    from pneumoscope.data.images import load_uint8
-
     torch.manual_seed(0)
     model = create_model(name, num_classes=1, image_size=size)
     pre = model.preprocess

@@ -14,17 +14,7 @@ from pneumoscope.data.images import resize_uint8, to_uint8
 from pneumoscope.ood import (EmbeddingReference, data_compare, embed, feature_layer, file_warnings, frechet_distance,
                              image_warnings, reference_from_images, register_data_compare)
 from pneumoscope.predict import load
-from pneumoscope.train import train
 
-TINY = dict(model="seed_cnn", image_size=64, limit=300, epochs=3, lr=3e-3, batch_size=16, threads=2, progress=False)
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(chest_xray, tmp_path_factory):
-    out = tmp_path_factory.getbasetemp() / "tiny_seed_cnn_64"  # shared with test_explain / test_shift in one session
-    if not (out / "best.pt").exists():
-        train(dict(TINY, data=str(chest_xray), out=str(out)))
-    return out / "best.pt"
 
 
 def hand_like(h: int = 512, w: int = 400) -> np.ndarray:

@@ -9,17 +9,8 @@ from pneumoscope.checkpoint import load_checkpoint
 from pneumoscope.data.cache import decode_all
 from pneumoscope.errors import ConfigError
 from pneumoscope.shift import SHIFTS, apply, blur, evaluation_samples, invert, noise, shift_study
-from pneumoscope.train import resolve, split_samples, train
+from pneumoscope.train import resolve, split_samples
 
-TINY = dict(model="seed_cnn", image_size=64, limit=300, epochs=3, lr=3e-3, batch_size=16, threads=2, progress=False)
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(chest_xray, tmp_path_factory):
-    out = tmp_path_factory.getbasetemp() / "tiny_seed_cnn_64"  # shared with test_explain / test_ood in one session
-    if not (out / "best.pt").exists():
-        train(dict(TINY, data=str(chest_xray), out=str(out)))
-    return out / "best.pt"
 
 
 @pytest.fixture(scope="module")

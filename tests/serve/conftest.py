@@ -17,14 +17,9 @@ from pneumoscope.serve.app import create_app
 
 
 @pytest.fixture(scope="session")
-def checkpoint(chest_xray: Path, tmp_path_factory) -> Path:
-    """seed_cnn, 64 px, trained one epoch on 120 real images (a few seconds)."""
-    from pneumoscope.train import train
-
-    out = tmp_path_factory.mktemp("serve-run")
-    train(dict(data=str(chest_xray), model="seed_cnn", image_size=64, limit=120, epochs=1, batch_size=16,
-               threads=2, progress=False, out=str(out)))
-    return out / "best.pt"
+def checkpoint(tiny_checkpoint: Path) -> Path:
+    """The session's tiny seed_cnn (tests/conftest.py)."""
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
