@@ -111,3 +111,21 @@ def test_yaml_config_and_flag_override(chest_xray, tmp_path):
     y.write_text("epochz: 3\n")
     with pytest.raises(ConfigError, match="epochz"):
         load_config(y)
+
+
+def test_ternary_training_reports_and_predicts_three_classes(chest_xray, tmp_path):
+    from pneumoscope.evaluate import evaluate
+    from pneumoscope.predict import load
+
+    m = train(dict(SMALL, data=str(chest_xray), labels="ternary", epochs=1, out=str(tmp_path / "t3")))
+    assert m["labels"] == ["NORMAL", "BACTERIAL", "VIRAL"]
+    ck = load_checkpoint(tmp_path / "t3" / "best.pt")
+    assert ck["arch"]["num_classes"] == 3
+    pred = load(tmp_path / "t3" / "best.pt", device="cpu")
+    r = pred.predict([sorted((chest_xray / "train" / "PNEUMONIA").glob("*virus*.jpeg"))[0]])[0]
+    assert set(r["class_probabilities"]) == {"NORMAL", "BACTERIAL", "VIRAL"}
+    assert abs(sum(r["class_probabilities"].values()) - 1) < 1e-5
+    assert r["predicted_class"] in r["class_probabilities"]
+    rep = evaluate(tmp_path / "t3" / "best.pt", chest_xray, tmp_path / "rep", split="validation", progress=False)
+    assert 600 < rep["n"] < 900 and len(rep["per_class"]) == 3  # the full validation split (limit not applied)
+    assert rep["macro_auc"] is not None and 0 <= rep["macro_auc"] <= 1
