@@ -114,7 +114,8 @@ def _build_default(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from pneumoscope.evaluate import evaluate
 
-    r = evaluate(args.checkpoint, args.data, args.out, split=args.split, device=args.device)
+    r = evaluate(args.checkpoint, args.data, args.out, split=args.split, device=args.device,
+                 group_by=args.group_by, metadata=args.metadata)
     keys = ("n", "accuracy", "sensitivity", "specificity", "auc", "threshold")
     log.info("%s; report in %s", ", ".join(f"{k} {r.get(k)}" if not isinstance(r.get(k), float) else f"{k} {r[k]:.4f}"
                                           for k in keys if k in r), args.out)
@@ -200,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", help="split of a train/val/test layout (e.g. test), or 'validation': the checkpoint's own "
                                    "patient-level validation split re-made from its stored config")
     s.add_argument("--out", default="report", help="report folder (default ./report)")
+    s.add_argument("--metadata", help="CSV with a 'file' or 'patient_id' column and group columns (site, device, ...)")
+    s.add_argument("--group-by", help="column to break every metric down by (default 'site'); "
+                                      "'device' works without CSV for DICOM (Manufacturer + model)")
     s.add_argument("--device", default="auto")
     s.set_defaults(func=_evaluate)
 

@@ -29,7 +29,8 @@ def select_split(root: str | Path, split: str | None, labels: str):
 
 
 def evaluate(checkpoint: str | Path | None, data: str | Path, out: str | Path, split: str | None = None,
-             device: str = "auto", progress: bool = True) -> dict:
+             device: str = "auto", progress: bool = True, group_by: str | None = None,
+             metadata: str | Path | None = None) -> dict:
     """Evaluate ``checkpoint`` (None = bundled default) on ``data``; write report files into ``out``; return the report."""
     from pneumoscope.report import write_evaluation
 
@@ -49,6 +50,10 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, out: str | Path, s
     logits = pred.logits(d.images[keep])
     y = np.array([samples[i].label for i in keep])
     groups = None
+    if group_by or metadata:
+        from pneumoscope.data.metadata import group_labels
+
+        groups = group_labels([samples[i] for i in keep], group_by or "site", metadata)
     extra = {"data": str(data), "split": split, "checkpoint": pred.info["checkpoint"],
              "model": pred.info["name"], "model_checksum": pred.info["checksum"],
              "threshold_info": pred.info["threshold_info"],

@@ -86,3 +86,26 @@ def test_predict_arrays_match_paths(ckpt, chest_xray):
     assert abs(a - b) < 1e-3
     with pytest.raises(ValueError, match=r"expected \[0, 1\]"):
         pred.predict([np.full((10, 10), 2.0, np.float32)])
+
+
+def test_evaluate_breaks_metrics_down_by_site(ckpt, small_split_dir, tmp_path):
+    files = sorted(p.name for p in (small_split_dir / "test").rglob("*.jpeg") if p.name != "corrupt.jpeg")
+    meta = tmp_path / "meta.csv"
+    # site A: every other file; site C: one NORMAL file only (a one-class group must not crash the report)
+    normal_one = sorted(p.name for p in (small_split_dir / "test" / "NORMAL").glob("*.jpeg") if p.name != "corrupt.jpeg")[0]
+    rows = ["file,site"] + [f"{f},{'C' if f == normal_one else ('A' if i % 2 else 'B')}" for i, f in enumerate(files)]
+    meta.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "rep"
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(small_split_dir), "--split", "test",
+                 "--out", str(out), "--metadata", str(meta), "--group-by", "site"]) == 0
+    r = json.loads((out / "report.json").read_text())
+    sg = r["subgroups"]
+    assert set(sg) == {"A", "B", "C"}
+    assert sum(g["n"] for g in sg.values()) == r["n"] == 12
+    assert sg["C"]["n"] == 1 and sg["C"]["auc"] is None
+    assert all("flagged" in g and "ci" in g for g in sg.values())
+    assert "Subgroups" in (out / "report.md").read_text()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,site\nx,A\n")
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(small_split_dir), "--split", "test",
+                 "--out", str(out), "--metadata", str(bad)]) == 2
