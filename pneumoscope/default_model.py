@@ -14,9 +14,10 @@ MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "resources" / "default_model.yaml"
 
 
-def pack(checkpoint: str | Path, dest: str | Path) -> Path:
-    """Copy a checkpoint without training state, weights in fp16. Predictions are made in fp32 after loading."""
+def pack(checkpoint: str | Path, dest: str | Path, extra: dict | None = None) -> Path:
+    """Copy a checkpoint without training state, weights in fp16 (``extra`` keys added). Predictions run in fp32."""
     ck = load_checkpoint(checkpoint)
+    ck.update(extra or {})
     ck.pop("train_state", None)
     ck["state_dict"] = {k: (v.half() if torch.is_floating_point(v) else v) for k, v in ck["state_dict"].items()}
     ck["packed_from"] = {"path": str(checkpoint), "sha256": file_sha256(checkpoint)}
@@ -38,7 +39,12 @@ def build(data: str | Path, out: str | Path = "runs/default_model", config: str 
     from pneumoscope.train import train
 
     metrics = train(str(config or DEFAULT_CONFIG), data=str(data), out=str(out))
+    from pneumoscope.ood import reference_for_checkpoint
+
     target = Path(dest) if dest else Path(__file__).resolve().parent / "resources" / DEFAULT_MODEL
-    pack(Path(metrics["run_dir"]) / "best.pt", target)
+    best = Path(metrics["run_dir"]) / "best.pt"
+    # embedding-space out-of-distribution reference, fitted on (up to 2,000) of the model's own training images
+    ref = reference_for_checkpoint(best, data, limit=2000)
+    pack(best, target, extra={"ood_reference": ref.to_dict()})
     metrics["packed"] = str(target)
     return metrics

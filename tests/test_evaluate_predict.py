@@ -109,3 +109,19 @@ def test_evaluate_breaks_metrics_down_by_site(ckpt, small_split_dir, tmp_path):
     bad.write_text("name,site\nx,A\n")
     assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(small_split_dir), "--split", "test",
                  "--out", str(out), "--metadata", str(bad)]) == 2
+
+
+def test_default_model_flags_out_of_distribution_inputs(chest_xray, dicom_dir):
+    """The bundled model carries an embedding reference: a cat photo and a dental film are flagged, chests are not."""
+    from skimage import data
+
+    from pneumoscope.predict import load
+
+    pred = load(None, device="cpu")
+    assert pred.ood_reference is not None
+    cat = (data.chelsea().mean(axis=2) / 255).astype("float32")
+    chests = sorted((chest_xray / "train" / "NORMAL").glob("*.jpeg"))[:20]
+    res = pred.predict([cat, dicom_dir / "dental_cr_jpeg_lossless_modality_lut.dcm", *chests])
+    ood = ["out of distribution" in " ".join(r["warnings"]) for r in res]
+    assert ood[0] and ood[1]
+    assert sum(ood[2:]) <= 1
