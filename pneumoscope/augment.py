@@ -47,7 +47,46 @@ def random_intensity(x: torch.Tensor, g: torch.Generator, brightness: float, con
     return x.clamp(0, 1)
 
 
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian kernel of radius ceil(3 sigma)."""
+    r = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def random_blur(x: torch.Tensor, g: torch.Generator, sigma: float) -> torch.Tensor:
+    """Per-image blur between none and Gaussian ``sigma`` px (another focus / detector sharpness / resolution).
+
+    One separable convolution per batch at the largest sigma, then each image is blended with its blurred copy
+    by a uniform weight in [0, 1]: a batched stand-in for a per-image sigma.
+    """
+    if sigma <= 0:
+        return x
+    k = gaussian_kernel(sigma).to(x.device, x.dtype)
+    r = k.numel() // 2
+    y = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+    w = torch.rand(x.shape[0], generator=g).view(-1, 1, 1, 1).to(x.device, x.dtype)
+    return x + w * (y - x)
+
+
+def random_noise(x: torch.Tensor, g: torch.Generator, std: float) -> torch.Tensor:
+    """Additive Gaussian noise, per-image std uniform in [0, ``std``] (fraction of the range); clamped to [0, 1]."""
+    if std <= 0:
+        return x
+    s = (torch.rand(x.shape[0], generator=g) * std).view(-1, 1, 1, 1)
+    n = torch.randn(x.shape, generator=g) * s
+    return (x + n.to(x.device, x.dtype)).clamp(0, 1)
+
+
 def augment_batch(x: torch.Tensor, g: torch.Generator, cfg) -> torch.Tensor:
-    """Apply the configured augmentation (a ``TrainConfig``) to a float batch in [0, 1]."""
+    """Apply the configured augmentation (a ``TrainConfig``) to a float batch in [0, 1].
+
+    Order follows the imaging chain: geometry (positioning), sharpness (focus, detector), exposure/contrast
+    (detector response, post-processing), then noise.
+    """
     x = random_affine(x, g, cfg.rotate_deg, cfg.scale, cfg.translate, cfg.hflip)
-    return random_intensity(x, g, cfg.brightness, cfg.contrast, cfg.gamma)
+    x = random_blur(x, g, getattr(cfg, "blur", 0.0))
+    x = random_intensity(x, g, cfg.brightness, cfg.contrast, cfg.gamma)
+    return random_noise(x, g, getattr(cfg, "noise", 0.0))

@@ -75,7 +75,7 @@ def compare(base: TrainConfig, models: list[str], out: str | Path, tta: bool = F
             over["pretrained"] = False
         elif tag == "pretrained":
             over["pretrained"] = True
-        cfg = TrainConfig(**{**base.to_dict(), "model": name, "image_size": over.pop("image_size", None),
+        cfg = TrainConfig(**{**base.to_dict(), "model": name, "image_size": over.pop("image_size", base.image_size),
                              "out": str(out / spec.replace(":", "-")), **over})
         m = train(cfg)
         ck = load_checkpoint(Path(m["run_dir"]) / "best.pt")
@@ -85,15 +85,16 @@ def compare(base: TrainConfig, models: list[str], out: str | Path, tta: bool = F
         y = (va.y.numpy() > 0).astype(int)
         ips = float(np.median([h["images_per_s"] for h in m["history"]]))
         common = {"params": count_params(model), "train_images_per_s": ips, "wall_s": m["wall_seconds"],
-                  "epochs_run": m["epochs_run"], "pretrained": bool(cfg.pretrained)}
-        T = ck.get("temperature") or 1.0
+                  "epochs_run": m["epochs_run"], "pretrained": bool(cfg.pretrained),
+                  "image_size": pre.input_size}
+        T, bias = ck.get("temperature") or 1.0, ck.get("calibration_bias", 0.0)
         from pneumoscope.train import predict_logits
 
-        p = pneumonia_score(predict_logits(model, va.x, pre, device, None), T)
+        p = pneumonia_score(predict_logits(model, va.x, pre, device, None), T, bias)
         rows.append(_row(spec, y, p, ck["threshold"], **common))
         val_probs[spec] = p
         if tta:
-            p_tta = pneumonia_score(tta_logits(model, va.x, pre, device), T)
+            p_tta = pneumonia_score(tta_logits(model, va.x, pre, device), T, bias)
             t, _ = choose_threshold(y, p_tta, base.threshold)
             rows.append(_row(f"{spec} + TTA", y, p_tta, t, **common, note="threshold re-chosen on val"))
             val_probs[f"{spec} + TTA"] = p_tta
@@ -103,7 +104,7 @@ def compare(base: TrainConfig, models: list[str], out: str | Path, tta: bool = F
         rows.append(_row("ensemble(" + "+".join(models) + ")", y, p_ens, t,
                          params=sum(r["params"] for r in rows if r["model"] in models),
                          train_images_per_s=float("nan"), wall_s=sum(r["wall_s"] for r in rows if r["model"] in models),
-                         epochs_run=0, pretrained=False, note="threshold chosen on val"))
+                         epochs_run=0, pretrained=False, image_size=None, note="threshold chosen on val"))
     (out / "compare.json").write_text(json.dumps(rows, indent=2))
     (out / "compare.md").write_text(format_table(rows, base))
     return rows
@@ -113,10 +114,11 @@ def format_table(rows: list[dict], base: TrainConfig) -> str:
     lines = [f"Validation split: patient-level, val_fraction={base.val_fraction}, seed={base.seed}; "
              f"up to {base.epochs} epochs, early stopping patience {base.patience}.",
              "",
-             "| model | val AUC | accuracy | sensitivity | specificity | threshold | params | train img/s | wall s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | px | val AUC | accuracy | sensitivity | specificity | threshold | params | train img/s | wall s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['val_auc']:.4f} | {r['accuracy']:.4f} | {r['sensitivity']:.4f} | "
+        px = r.get("image_size") or "-"
+        lines.append(f"| {r['model']} | {px} | {r['val_auc']:.4f} | {r['accuracy']:.4f} | {r['sensitivity']:.4f} | "
                      f"{r['specificity']:.4f} | {r['threshold']:.3f} | {r['params'] / 1e6:.2f} M | "
                      f"{r['train_images_per_s']:.0f} | {r['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"

@@ -33,6 +33,8 @@ class TrainConfig:
     brightness: float = 0.15  # additive +- (images in [0, 1])
     contrast: float = 0.20  # multiplicative 1 +- around the image mean
     gamma: float = 0.0  # log-uniform gamma in [exp(-g), exp(g)]; 0 = off
+    blur: float = 0.0  # per-image Gaussian blur up to this sigma in px at the model's input size; 0 = off
+    noise: float = 0.0  # per-image additive Gaussian noise up to this std (fraction of the range); 0 = off
     hflip: bool = False  # off by default: the heart is on the left; a flipped film is not a real chest X-ray
     patience: int = 5  # early stopping: epochs without a better validation AUC
     threshold: str = "youden"  # youden | sensitivity:0.95 (any target)
@@ -78,6 +80,8 @@ class TrainConfig:
             raise bad("threshold", "choose youden or sensitivity:TARGET, e.g. sensitivity:0.95")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise bad("label_smoothing", "must be in [0, 0.5)")
+        if self.blur < 0 or self.noise < 0:
+            raise ConfigError(f"config values blur={self.blur!r} and noise={self.noise!r} must be >= 0 (0 = off)")
         if self.patience < 1:
             raise bad("patience", "must be at least 1")
         if self.limit < 0 or self.threads < 0 or self.workers < 0 or self.freeze_epochs < 0:

@@ -65,7 +65,8 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, out: str | Path, s
         P = softmax(logits / (T or 1.0))
         return write_evaluation(out, y, P, pred.threshold, label_names=list(pred.label_names), extra=extra)
     p_raw = pneumonia_score(logits)
-    p = pneumonia_score(logits, T) if T else p_raw
+    p = pneumonia_score(logits, T, pred.calibration_bias) if T else p_raw
     return write_evaluation(out, y, p, pred.threshold, label_names=list(pred.label_names),
-                            logits=logits[:, 0], temperature=T, val_operating_points=pred.info.get("val_operating_points"),
+                            logits=logits[:, 0], temperature=T, calibration_bias=pred.calibration_bias,
+                            val_operating_points=pred.info.get("val_operating_points"),
                             groups=groups, extra=extra)

@@ -7,6 +7,7 @@ beyond "decode to grey and resize to S x S", and cannot get the mean/std wrong.
 
 Everything else a predictor needs travels inside the file as ONNX ``metadata_props`` (each value a JSON string):
 ``pneumoscope.preprocess``, ``pneumoscope.label_names``, ``pneumoscope.threshold``, ``pneumoscope.temperature``,
+``pneumoscope.calibration_bias``,
 ``pneumoscope.arch``, ``pneumoscope.source_sha256`` (of the checkpoint), ``pneumoscope.version``,
 ``pneumoscope.input``; an int8 model (``quantize_onnx``) adds ``pneumoscope.quantization``. See docs/speed.md.
 """
@@ -91,7 +92,8 @@ def export_onnx(checkpoint: str | Path, onnx_path: str | Path, opset: int = 18) 
     model = model_from_checkpoint(ckpt)
     pre = Preprocess.from_dict(ckpt["preprocess"])
     meta = {"label_names": list(ckpt["label_names"]), "threshold": ckpt.get("threshold"),
-            "temperature": ckpt.get("temperature"), "arch": ckpt["arch"],
+            "temperature": ckpt.get("temperature"), "calibration_bias": ckpt.get("calibration_bias", 0.0),
+            "arch": ckpt["arch"],
             "source_sha256": file_sha256(checkpoint), "source_name": Path(checkpoint).name, "epoch": ckpt.get("epoch")}
     path = export_model(model, pre, onnx_path, opset=opset, metadata=meta)
 
@@ -197,6 +199,7 @@ class OnnxBackend:
         self.label_names = tuple(self.metadata.get("label_names") or ("NORMAL", "PNEUMONIA"))
         self.threshold = self.metadata.get("threshold")
         self.temperature = self.metadata.get("temperature")
+        self.calibration_bias = float(self.metadata.get("calibration_bias") or 0.0)
         self.input_name = self.session.get_inputs()[0].name
         self.max_batch = max(1, int(max_batch))
 
@@ -227,9 +230,11 @@ def load_onnx_predictor(onnx_path: str | Path, threads: int = 0):
     m = backend.metadata
     info = {"name": (m.get("arch") or {}).get("name"), "checkpoint": str(onnx_path), "version": m.get("version"),
             "checksum": "sha256:" + str(m.get("source_sha256")), "epoch": m.get("epoch"), "threshold": float(threshold),
-            "temperature": backend.temperature, "label_names": list(backend.label_names), "backend": "onnxruntime"}
+            "temperature": backend.temperature, "calibration_bias": backend.calibration_bias,
+            "label_names": list(backend.label_names), "backend": "onnxruntime"}
     return Predictor(model=None, preprocess=backend.preprocess, label_names=backend.label_names,
-                     threshold=float(threshold), temperature=backend.temperature, info=info, backend=backend)
+                     threshold=float(threshold), temperature=backend.temperature,
+                     calibration_bias=backend.calibration_bias, info=info, backend=backend)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

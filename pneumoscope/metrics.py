@@ -374,11 +374,60 @@ def fit_temperature(logits, y, multiclass: bool = False, max_iter: int = 200) ->
     return temp
 
 
-def apply_temperature(logits, temperature: float) -> np.ndarray:
-    """Calibrated probabilities: sigmoid(logits / T) for (N,) logits, softmax(logits / T) for (N, K)."""
+def fit_calibration(logits, y, max_iter: int = 200) -> tuple[float, float]:
+    """Binary calibration ``sigmoid(z / T + b)``: temperature scaling plus a bias (Platt scaling), fitted by NLL.
+
+    The bias matters for models trained with a class-weighted loss (pneumoscope's default): weighting shifts
+    every logit by about log(w_pos / w_neg), a prior shift that a temperature alone cannot undo (it can even
+    raise ECE). T is fitted first (as ``fit_temperature``), then (T, b) jointly; T is clipped like there.
+    Returns (T, b).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    temp = fit_temperature(logits, y, max_iter=max_iter)
+    z = torch.as_tensor(np.asarray(logits, dtype=np.float64).reshape(-1))
+    t = torch.as_tensor(np.asarray(y).reshape(-1).astype(np.float64))
+    log_t = torch.tensor([math.log(temp)], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(z / log_t.exp() + b, t)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    temp2, bias = float(log_t.detach().exp()), float(b.detach())
+    if math.isfinite(temp2) and not T_MIN <= temp2 <= T_MAX:  # clip T like fit_temperature, then refit b alone
+        log.warning("fitted temperature %.4g is outside [%g, %g]; clipped, bias refitted", temp2, T_MIN, T_MAX)
+        temp2 = min(max(temp2, T_MIN), T_MAX)
+        b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+        def closure_b():
+            opt.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(z / temp2 + b, t)
+            loss.backward()
+            return loss
+
+        opt.step(closure_b)
+        bias = float(b.detach())
+    if not (math.isfinite(temp2) and math.isfinite(bias)) or abs(bias) > 20:
+        log.warning("calibration fit with a bias failed (T=%.4g, b=%.4g); keeping T=%.4f, b=0", temp2, bias, temp)
+        return temp, 0.0
+    log.info("fitted calibration T=%.4f, bias=%.4f on %d cases", temp2, bias, t.shape[0])
+    return temp2, bias
+
+
+def apply_temperature(logits, temperature: float, bias: float = 0.0) -> np.ndarray:
+    """Calibrated probabilities: sigmoid(logits / T + b) for (N,) logits, softmax(logits / T) for (N, K)."""
     if not temperature > 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")
     z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    if z.ndim == 1:
+        z = z + float(bias or 0.0)
     if z.ndim == 2:
         e = np.exp(z - z.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)

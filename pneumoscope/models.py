@@ -268,8 +268,14 @@ def _effnet_net(image_size: int, in_channels: int, num_classes: int) -> nn.Modul
                                   num_classes=num_classes)
 
 
-def _build_efficientnet_lite0(num_classes: int, image_size: int, dropout: float = 0.2) -> nn.Module:
+def _build_efficientnet_lite0(num_classes: int, image_size: int, dropout: float = 0.2, bn_momentum: float = 0.1) -> nn.Module:
     net = _effnet_net(image_size, 1, 1000)
+    # The package keeps TensorFlow's BatchNorm momentum (0.01 in PyTorch terms): from random init the running
+    # statistics then lag the weights for hundreds of steps and eval-mode outputs are near constant (val AUC 0.5
+    # after 3 short epochs). PyTorch's usual 0.1 fixes that; pass bn_momentum=0.01 for the package's behaviour.
+    for mod in net.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.momentum = bn_momentum
     in_features = net._fc.in_features
     net._dropout = nn.Identity()  # the new head owns dropout + classifier
     net._fc = nn.Identity()  # backbone(x) -> pooled (B, 1280)
@@ -300,7 +306,7 @@ def efficientnet_lite0_imagenet(weights: str | Path | None = None) -> nn.Module:
 _REGISTRY["efficientnet_lite0"] = _Spec(
     _build_efficientnet_lite0, 224, lambda kw: 32, stem_key="backbone._conv_stem.weight",
     stem_bn_key="backbone._bn0.running_mean", rgb_norm=(EFFNET_LITE_RGB_MEAN, EFFNET_LITE_RGB_STD),
-    raw_head=("_fc.",), packaged_weights=_effnet_weights_path, defaults={"dropout": 0.2},
+    raw_head=("_fc.",), packaged_weights=_effnet_weights_path, defaults={"dropout": 0.2, "bn_momentum": 0.1},
 )
 
 

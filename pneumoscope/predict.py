@@ -49,6 +49,7 @@ class Predictor:
     label_names: tuple[str, ...]
     threshold: float
     temperature: float | None
+    calibration_bias: float = 0.0  # binary calibration: sigmoid(logit / temperature + calibration_bias)
     info: dict = field(default_factory=dict)  # name, version, checksum, threshold provenance
     device: torch.device = torch.device("cpu")
     amp: torch.dtype | None = None
@@ -126,7 +127,7 @@ class Predictor:
             for (i, _), w in zip(chunk, self.embedding_warnings(batch)):
                 results[i]["warnings"] += w
             raw = pneumonia_score(logits)
-            cal = pneumonia_score(logits, self.temperature) if self.temperature else raw
+            cal = pneumonia_score(logits, self.temperature, self.calibration_bias) if self.temperature else raw
             for (i, _), lg, p_raw, p_cal in zip(chunk, logits, raw, cal):
                 r = results[i]
                 r["probability"] = float(p_raw)
@@ -162,7 +163,8 @@ def load(checkpoint: str | Path | None = None, device: str = "auto", precision: 
         "name": ckpt["arch"]["name"], "checkpoint": str(path), "version": ckpt.get("pneumoscope_version"),
         "checksum": "sha256:" + file_sha256(path), "epoch": ckpt.get("epoch"),
         "threshold": float(threshold), "threshold_info": ckpt.get("threshold_info"),
-        "temperature": ckpt.get("temperature"), "label_names": list(ckpt["label_names"]),
+        "temperature": ckpt.get("temperature"), "calibration_bias": ckpt.get("calibration_bias", 0.0),
+        "label_names": list(ckpt["label_names"]),
         "val_operating_points": ckpt.get("val_operating_points"), "val_metrics": ckpt.get("metrics"),
     }
     ood_reference = None
@@ -172,5 +174,6 @@ def load(checkpoint: str | Path | None = None, device: str = "auto", precision: 
         ood_reference = EmbeddingReference.from_dict(ckpt["ood_reference"])
     return Predictor(model=model, preprocess=Preprocess.from_dict(ckpt["preprocess"]), ood_reference=ood_reference,
                      label_names=tuple(ckpt["label_names"]), threshold=float(threshold),
-                     temperature=ckpt.get("temperature"), info=info, device=dev,
+                     temperature=ckpt.get("temperature"), calibration_bias=float(ckpt.get("calibration_bias") or 0.0),
+                     info=info, device=dev,
                      amp=pick_precision(precision, dev))

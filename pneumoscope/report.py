@@ -181,7 +181,8 @@ def _markdown_binary(r: dict) -> str:
                       [[o["target"], o["threshold"], o["sensitivity"], o["specificity"]] for o in r["operating_points"]])
     if "calibration" in r:
         cal = r["calibration"]
-        out += ["## Calibration", "", f"Temperature T = {cal['temperature']:.4f}.", ""]
+        out += ["## Calibration", "", f"Calibrated probability = sigmoid(logit / T + b) with T = {cal['temperature']:.4f}, "
+                f"b = {cal.get('bias', 0.0):.4f} (fitted on the validation split).", ""]
         out += _table(["", "ECE", "Brier"], [["before (T=1)", cal["ece"], cal["brier"]],
                                              ["after", cal["ece_calibrated"], cal["brier_calibrated"]]])
     if "subgroups" in r:
@@ -206,33 +207,34 @@ def _markdown_multiclass(r: dict) -> str:
     out += _table(["true \\ predicted", *names], [[n, *row] for n, row in zip(names, r["confusion"])])
     if "calibration" in r:
         cal = r["calibration"]
-        out += ["## Calibration", "", f"Temperature T = {cal['temperature']:.4f}.", ""]
+        out += ["## Calibration", "", f"Calibrated probabilities = softmax(logits / T) with T = {cal['temperature']:.4f}.", ""]
         out += _table(["", "ECE", "Brier"], [["before (T=1)", cal["ece"], cal["brier"]],
                                              ["after", cal["ece_calibrated"], cal["brier_calibrated"]]])
     return "\n".join(out)
 
 
-def _calibration(y, logits, temperature) -> tuple[dict, np.ndarray, np.ndarray]:
+def _calibration(y, logits, temperature, bias: float = 0.0) -> tuple[dict, np.ndarray, np.ndarray]:
     before = M.apply_temperature(logits, 1.0)
-    after = M.apply_temperature(logits, temperature)
+    after = M.apply_temperature(logits, temperature, bias)
     cal = {
         "ece": M.expected_calibration_error(y, before),
         "brier": M.brier(y, before),
         "ece_calibrated": M.expected_calibration_error(y, after),
         "brier_calibrated": M.brier(y, after),
         "temperature": float(temperature),
+        "bias": float(bias or 0.0),
     }
     return cal, before, after
 
 
 def write_evaluation(out_dir, y, p, threshold: float = 0.5, *, label_names, logits=None, temperature=None,
-                     val_operating_points=None, groups=None, extra=None, n_boot: int = 1000, seed: int = 0) -> dict:
+                     calibration_bias: float = 0.0, val_operating_points=None, groups=None, extra=None, n_boot: int = 1000, seed: int = 0) -> dict:
     """Write report.json, report.md and plots for one evaluated split into `out_dir`; return the report dict.
 
     Binary (`p` 1-D): binary_metrics + `ci` (stratified bootstrap) + `operating_points` (sens/spec on THIS data
     at each validation-chosen {target, threshold} in `val_operating_points`; [] when none) + `calibration`
-    {ece, brier, ece_calibrated, brier_calibrated, temperature} when `logits` and `temperature` are given
-    (before = sigmoid(logits), after = sigmoid(logits / T)) + `subgroups` when `groups` is given + `extra`.
+    {ece, brier, ece_calibrated, brier_calibrated, temperature, bias} when `logits` and `temperature` are given
+    (before = sigmoid(logits), after = sigmoid(logits / T + calibration_bias)) + `subgroups` when `groups` is given + `extra`.
     Plots: roc.png, pr.png, confusion.png, reliability.png (with calibration).
     Multiclass (`p` (N, K)): multiclass_metrics (+ calibration on top-label confidence), confusion.png and
     one-vs-rest roc.png (+ reliability.png of top-label confidence); `threshold` is not used.
@@ -264,7 +266,7 @@ def write_evaluation(out_dir, y, p, threshold: float = 0.5, *, label_names, logi
             for o in (val_operating_points or [])
         ]
         if with_cal:
-            report["calibration"], before, after = _calibration(y_arr, logits, temperature)
+            report["calibration"], before, after = _calibration(y_arr, logits, temperature, calibration_bias)
             plot_reliability(y_arr, before, after, out / "reliability.png")
         if groups is not None:
             report["subgroups"] = M.subgroup_metrics(y_arr, p_arr, threshold, groups, n_boot=n_boot, seed=seed)

@@ -216,7 +216,7 @@ def _metrics(y: np.ndarray, logits: np.ndarray, predictor) -> dict:
     from pneumoscope.metrics import binary_metrics
     from pneumoscope.train import pneumonia_score
 
-    p = pneumonia_score(logits, predictor.temperature or 1.0)
+    p = pneumonia_score(logits, predictor.temperature or 1.0, predictor.calibration_bias)
     m = binary_metrics(y, p, predictor.threshold)
     return {"auc": m["auc"], "accuracy": m["accuracy"], "sensitivity": m["sensitivity"],
             "specificity": m["specificity"], "mean_probability": float(p.mean())}
@@ -267,7 +267,7 @@ def shift_study(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Pat
                      m["accuracy"])
     write_shift_report(rows, out_dir, {"checkpoint": str(checkpoint), "data": str(data_dir), "images": how,
                                        "n": int(len(y)), "threshold": predictor.threshold,
-                                       "temperature": predictor.temperature, "seed": seed})
+                                       "temperature": predictor.temperature, "calibration_bias": predictor.calibration_bias, "seed": seed})
     return rows
 
 

@@ -175,11 +175,11 @@ def make_loss(cfg: TrainConfig, y_train: torch.Tensor, n_classes: int, device: t
     return loss_fn
 
 
-def pneumonia_score(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Probability of pneumonia: sigmoid of the single logit (binary) or 1 - softmax[NORMAL] (ternary)."""
-    logits = np.asarray(logits, dtype=np.float64) / temperature
+def pneumonia_score(logits: np.ndarray, temperature: float = 1.0, bias: float = 0.0) -> np.ndarray:
+    """Probability of pneumonia: sigmoid(logit / T + bias) (binary) or 1 - softmax(logits / T)[NORMAL] (ternary)."""
+    logits = np.asarray(logits, dtype=np.float64) / (temperature or 1.0)
     if logits.shape[1] == 1:
-        return 1.0 / (1.0 + np.exp(-logits[:, 0]))
+        return 1.0 / (1.0 + np.exp(-(logits[:, 0] + (bias or 0.0))))
     e = np.exp(logits - logits.max(1, keepdims=True))
     return 1.0 - e[:, 0] / e.sum(1)
 
@@ -224,15 +224,18 @@ def validation_scores(logits: np.ndarray, y: np.ndarray) -> dict:
 
 
 def calibrate(logits: np.ndarray, y: np.ndarray, threshold_method: str) -> dict:
-    """Threshold (on validation data, on the calibrated pneumonia probability) and temperature."""
-    from pneumoscope.metrics import choose_threshold, fit_temperature, operating_points
+    """Threshold (on validation data, on the calibrated pneumonia probability), temperature and (binary) bias."""
+    from pneumoscope.metrics import choose_threshold, fit_calibration, fit_temperature, operating_points
 
     ybin = (y > 0).astype(int)
-    temperature = float(fit_temperature(logits if logits.shape[1] > 1 else logits[:, 0], y, multiclass=logits.shape[1] > 1))
-    p = pneumonia_score(logits, temperature)
+    if logits.shape[1] > 1:
+        temperature, bias = float(fit_temperature(logits, y, multiclass=True)), 0.0
+    else:
+        temperature, bias = fit_calibration(logits[:, 0], ybin)
+    p = pneumonia_score(logits, temperature, bias)
     threshold, info = choose_threshold(ybin, p, threshold_method)
     return {"threshold": float(threshold), "threshold_info": info, "temperature": temperature,
-            "val_operating_points": operating_points(ybin, p)}
+            "calibration_bias": bias, "val_operating_points": operating_points(ybin, p)}
 
 
 # ------------------------------------------------------------------------------------------- I/O helpers
@@ -426,6 +429,7 @@ def train(cfg: TrainConfig | dict | str | None = None, *, resume: str | None = N
         "run_dir": str(out), "model": cfg.model, "image_size": pre.input_size, "labels": list(label_names),
         "epochs_run": len(history), "best_epoch": best["epoch"] if best else None,
         "val_auc": best_auc, "threshold": best_info.get("threshold"), "temperature": best_info.get("temperature"),
+        "calibration_bias": best_info.get("calibration_bias", 0.0),
         "n_train": int(len(tr.y)), "n_val": int(len(va.y)), "validation": val_how,
         "wall_seconds": time.perf_counter() - t_start, "history": history,
     }
@@ -465,6 +469,6 @@ def _val_at_threshold(best: dict, va: Arrays, device: torch.device, amp) -> dict
 
     model = model_from_checkpoint(best).to(device).to(memory_format=torch.channels_last)
     logits = predict_logits(model, va.x, Preprocess.from_dict(best["preprocess"]), device, amp)
-    p = pneumonia_score(logits, best.get("temperature") or 1.0)
+    p = pneumonia_score(logits, best.get("temperature") or 1.0, best.get("calibration_bias", 0.0))
     m = binary_metrics((va.y.numpy() > 0).astype(int), p, best["threshold"])
     return m

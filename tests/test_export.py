@@ -83,6 +83,7 @@ def test_int8_model_keeps_metadata_and_probabilities(exported, chest_xray):
     assert int8.metadata["quantization"]["calibration_images"] == 16
     assert int8.preprocess == fp32.preprocess and int8.threshold == fp32.threshold
     assert int8.temperature == fp32.temperature and int8.metadata["source_sha256"] == file_sha256(ckpt)
+    assert int8.calibration_bias == fp32.calibration_bias == pytest.approx(load_checkpoint(ckpt)["calibration_bias"])
     batch = np.stack([load_uint8(p, 64) for p in real_images(chest_xray)])
     p32 = pneumonia_score(fp32.logits(batch), fp32.temperature)
     p8 = pneumonia_score(int8.logits(batch), int8.temperature)

@@ -218,6 +218,23 @@ def test_temperature_scaling_recovers_overconfidence():
     assert M.brier(y, after) < M.brier(y, before)
 
 
+def test_calibration_bias_undoes_class_weighting_prior_shift():
+    """A class-weighted loss shifts logits by log(w_pos/w_neg); T alone cannot fix that, T and b can."""
+    rng = np.random.default_rng(2)
+    z = rng.normal(1.0, 2.0, 6000)  # true logits, about 70 % positive like the training data
+    y = (rng.random(6000) < 1 / (1 + np.exp(-z))).astype(int)
+    logits = 2.0 * z - 2.5  # over-confident and shifted towards NORMAL (the weighting of the majority class)
+    T_only = M.fit_temperature(logits, y)
+    T, b = M.fit_calibration(logits, y)
+    assert T == pytest.approx(2.0, abs=0.2) and b == pytest.approx(1.25, abs=0.15)
+    ece = {k: M.expected_calibration_error(y, M.apply_temperature(logits, *args))
+           for k, args in {"raw": (1.0,), "T": (T_only,), "T+b": (T, b)}.items()}
+    assert ece["T+b"] < ece["T"] and ece["T+b"] < ece["raw"] and ece["T+b"] < 0.02
+    # the bias applies to binary logits only; multiclass stays temperature-only
+    P = M.apply_temperature(np.zeros((2, 3)), 1.0, bias=5.0)
+    assert np.allclose(P, 1 / 3)
+
+
 def test_temperature_scaling_multiclass():
     rng = np.random.default_rng(1)
     z = rng.normal(0, 1.5, (3000, 3))

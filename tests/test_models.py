@@ -380,3 +380,23 @@ def test_param_groups_and_frozen_backbone():
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ConfigError):
         param_groups(model, lr=0, backbone_lr_mult=0.1)
+
+
+def test_efficientnet_batchnorm_statistics_follow_training():
+    """With the package's momentum (0.01) eval-mode BN statistics lag far behind a few training steps; 0.1 does not."""
+    torch.manual_seed(0)
+    x = 0.3 + 0.05 * torch.randn(8, 1, 64, 64)  # far from the init statistics (mean 0, var 1)
+    lag = {}
+    for mom in (0.01, 0.1):
+        m = create_model("efficientnet_lite0", image_size=64, bn_momentum=mom)
+        assert {b.momentum for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)} == {mom}
+        m.train()
+        with torch.no_grad():
+            for _ in range(20):
+                m(x)
+        bn0 = m.backbone._bn0
+        with torch.no_grad():
+            feats = m.backbone._conv_stem(x)
+        lag[mom] = (bn0.running_mean - feats.mean(dim=(0, 2, 3))).abs().mean().item()
+    assert lag[0.1] < 0.25 * lag[0.01]
+    assert create_model("efficientnet_lite0", image_size=64).backbone._bn0.momentum == 0.1  # the default

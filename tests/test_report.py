@@ -56,7 +56,8 @@ def test_write_evaluation_binary(tmp_path, binary_case):
     for k in ("accuracy", "sensitivity", "specificity", "auc"):
         assert rep["ci"][k][0] <= rep[k] <= rep["ci"][k][1]
     cal = rep["calibration"]
-    assert set(cal) == {"ece", "brier", "ece_calibrated", "brier_calibrated", "temperature"}
+    assert set(cal) == {"ece", "brier", "ece_calibrated", "brier_calibrated", "temperature", "bias"}
+    assert cal["bias"] == 0.0  # no calibration_bias given
     assert cal["temperature"] == pytest.approx(T)
     assert cal["ece_calibrated"] < cal["ece"] and cal["brier_calibrated"] < cal["brier"]
     # operating points: validation thresholds, sensitivity/specificity measured on THIS data
