@@ -146,14 +146,14 @@ def file_warnings(path: str | Path, min_side: int | None = None) -> list[str]:
         return list(meta.get("warnings", [])) + image_warnings(img, meta, min_side)
     from PIL import Image, ImageOps
 
-    from pneumoscope.data.images import _PIL_ERRORS
+    from pneumoscope.data.images import PIL_ERRORS
     from pneumoscope.errors import ImageReadError
 
     try:
         with Image.open(path) as src:
             im = ImageOps.exif_transpose(src)
             arr = np.asarray(im.convert("RGB") if im.mode not in ("L", "I;16", "I;16B", "I;16L", "I") else im)
-    except _PIL_ERRORS as e:
+    except PIL_ERRORS as e:
         raise ImageReadError(f"{path}: cannot decode ({type(e).__name__}: {e})") from e
     if arr.dtype not in (np.uint8, np.uint16):
         arr = np.clip(arr, 0, 65535).astype(np.uint16)

@@ -31,6 +31,7 @@ _16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 # What Pillow raises on corrupt/truncated data (UnidentifiedImageError is an OSError). Never catch our own
 # ImageReadError (a ValueError) with this tuple: the blocks it guards do not raise it.
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError)
+PIL_ERRORS = _PIL_ERRORS  # what Pillow raises on corrupt or truncated files (public, for callers that open files)
 
 
 def is_dicom_file(path: str | Path) -> bool:
@@ -208,6 +209,17 @@ def load_uint8(path: str | Path, size: int, max_pixels: int = MAX_IMAGE_PIXELS) 
                 return _load_jpeg_uint8(im, str(path), size)
             im.close()
     return resize_uint8(to_uint8(read_image(path, max_pixels=max_pixels)[0]), size)
+
+
+def load_jpeg_bytes_uint8(data: bytes, name: str, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray | None:
+    """``load_uint8``'s JPEG path on bytes (e.g. an upload): the same pixels as from the file; None if not a JPEG."""
+    import io
+
+    im = _open_pil(io.BytesIO(data), name, max_pixels)
+    if im.format in ("JPEG", "MPO"):
+        return _load_jpeg_uint8(im, name, size)
+    im.close()
+    return None
 
 
 def _load_jpeg_uint8(src, name: str, size: int) -> np.ndarray:

@@ -192,13 +192,12 @@ def _fit(u8: np.ndarray, side: int) -> np.ndarray:
 def _model_input(data: bytes, name: str, fmt: str, full_u8: np.ndarray, size: int) -> np.ndarray:
     """The model's uint8 SxS input, decoded exactly as training decoded it (``images.load_uint8``: JPEGs by
     libjpeg's reduced-DCT grey path, everything else by the exact read then a bilinear resize)."""
-    from pneumoscope.data.images import _load_jpeg_uint8, _open_pil, resize_uint8
+    from pneumoscope.data.images import load_jpeg_bytes_uint8, resize_uint8
 
-    if fmt == "JPEG":  # load_uint8 reads from a path only; these are its two steps on bytes
-        im = _open_pil(io.BytesIO(data), name, MAX_PIXELS)
-        if im.format in ("JPEG", "MPO"):
-            return _load_jpeg_uint8(im, name, size)
-        im.close()
+    if fmt == "JPEG":
+        u8 = load_jpeg_bytes_uint8(data, name, size, MAX_PIXELS)
+        if u8 is not None:
+            return u8
     return resize_uint8(full_u8, size)
 
 

@@ -226,3 +226,17 @@ def test_read_image_bytes_needs_no_filesystem(shared_data, monkeypatch):
     monkeypatch.setattr("builtins.open", no_open)
     img, meta = read_image_bytes(data, name="upload.jpeg")
     assert img.shape == (224, 224) and meta["format"] == "JPEG"
+
+
+def test_jpeg_bytes_decode_equals_file_decode(chest_xray, tmp_path):
+    """The service decodes uploads from bytes; the pixels must equal training's decode of the same file."""
+    from pneumoscope.data.images import load_jpeg_bytes_uint8, load_uint8
+
+    f = sorted((chest_xray / "train" / "PNEUMONIA").glob("*.jpeg"))[0]
+    for size in (64, 150):
+        assert np.array_equal(load_jpeg_bytes_uint8(f.read_bytes(), f.name, size), load_uint8(f, size))
+    from PIL import Image
+
+    png = tmp_path / "x.png"
+    Image.fromarray(load_uint8(f, 64)).save(png)
+    assert load_jpeg_bytes_uint8(png.read_bytes(), png.name, 64) is None  # not a JPEG: the caller reads it exactly
