@@ -91,6 +91,6 @@ def augment_batch(x: torch.Tensor, g: torch.Generator, cfg) -> torch.Tensor:
     (detector response, post-processing), then noise.
     """
     x = random_affine(x, g, cfg.rotate_deg, cfg.scale, cfg.translate, cfg.hflip)
-    x = random_blur(x, g, getattr(cfg, "blur", 0.0))
+    x = random_blur(x, g, cfg.blur)
     x = random_intensity(x, g, cfg.brightness, cfg.contrast, cfg.gamma)
-    return random_noise(x, g, getattr(cfg, "noise", 0.0))
+    return random_noise(x, g, cfg.noise)

@@ -333,6 +333,21 @@ def reliability_curve(y, p, n_bins: int = 10) -> dict:
 T_MIN, T_MAX = 0.05, 20.0  # a fitted temperature outside this range means the model is not worth calibrating
 
 
+def _lbfgs(params: list, loss_fn, max_iter: int) -> None:
+    """Minimise ``loss_fn()`` over the float64 tensors ``params`` in place (torch LBFGS, strong Wolfe)."""
+    import torch
+
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+
 def fit_temperature(logits, y, multiclass: bool = False, max_iter: int = 200) -> float:
     """Temperature T > 0 minimising the NLL of logits / T on validation data (torch LBFGS over log T).
 
@@ -353,16 +368,8 @@ def fit_temperature(logits, y, multiclass: bool = False, max_iter: int = 200) ->
     if not torch.isfinite(z).all():
         raise ConfigError("logits contain NaN or inf")
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        scaled = z / log_t.exp()
-        loss = F.cross_entropy(scaled, t) if multiclass else F.binary_cross_entropy_with_logits(scaled, t.double())
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    loss = F.cross_entropy if multiclass else (lambda scaled, t: F.binary_cross_entropy_with_logits(scaled, t.double()))
+    _lbfgs([log_t], lambda: loss(z / log_t.exp(), t), max_iter)
     temp = float(log_t.detach().exp())
     if not math.isfinite(temp) or temp <= 0:
         raise ConfigError(f"temperature fit diverged (T={temp}): check that logits are raw model outputs")
@@ -390,29 +397,13 @@ def fit_calibration(logits, y, max_iter: int = 200) -> tuple[float, float]:
     t = torch.as_tensor(np.asarray(y).reshape(-1).astype(np.float64))
     log_t = torch.tensor([math.log(temp)], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(z / log_t.exp() + b, t)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    _lbfgs([log_t, b], lambda: F.binary_cross_entropy_with_logits(z / log_t.exp() + b, t), max_iter)
     temp2, bias = float(log_t.detach().exp()), float(b.detach())
     if math.isfinite(temp2) and not T_MIN <= temp2 <= T_MAX:  # clip T like fit_temperature, then refit b alone
         log.warning("fitted temperature %.4g is outside [%g, %g]; clipped, bias refitted", temp2, T_MIN, T_MAX)
         temp2 = min(max(temp2, T_MIN), T_MAX)
         b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-        def closure_b():
-            opt.zero_grad()
-            loss = F.binary_cross_entropy_with_logits(z / temp2 + b, t)
-            loss.backward()
-            return loss
-
-        opt.step(closure_b)
+        _lbfgs([b], lambda: F.binary_cross_entropy_with_logits(z / temp2 + b, t), max_iter)
         bias = float(b.detach())
     if not (math.isfinite(temp2) and math.isfinite(bias)) or abs(bias) > 20:
         log.warning("calibration fit with a bias failed (T=%.4g, b=%.4g); keeping T=%.4f, b=0", temp2, bias, temp)
