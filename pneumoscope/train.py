@@ -8,6 +8,8 @@ validation data), and the history. Under ``torchrun`` it trains with Distributed
 from __future__ import annotations
 
 import csv
+import ctypes
+import ctypes.util
 import json
 import logging
 import math
@@ -61,6 +63,25 @@ def pick_precision(precision: str, device: torch.device) -> torch.dtype | None:
         log.info("precision: fp32 (this CPU has no AVX512-BF16/AMX; bf16 autocast would be emulated and slower)")
         return None
     return torch.bfloat16
+
+
+def reuse_freed_memory(on: bool = True) -> bool:
+    """Let glibc's malloc keep freed memory for reuse (True when set; False off glibc).
+
+    By default glibc serves blocks over 32 MB with a fresh mmap and unmaps them on free, so every training step
+    page-faults its largest activations anew (seed_cnn at 150 px, batch 32: the first feature map and its gradient
+    are 45 MB each); that costs about a fifth of a CPU training step here (docs/speed.md). ``on=False`` restores
+    glibc's defaults. The price: the process keeps its peak heap instead of returning it to the system.
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        log.debug("allocator: no glibc mallopt here; keeping the system allocator's behaviour")
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    ok = mallopt(m_mmap_max, 0 if on else 65536) == 1
+    ok &= mallopt(m_trim_threshold, 2**30 if on else 128 * 1024) == 1
+    return bool(ok)
 
 
 # ------------------------------------------------------------------------------------------- distributed
@@ -287,6 +308,8 @@ def train(cfg: TrainConfig | dict | str | None = None, *, resume: str | None = N
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.world))
+    if device.type == "cpu":
+        reuse_freed_memory()
     amp = pick_precision(cfg.precision, device)
     out = Path(cfg.out or cfg.default_out())
     cfg.out = str(out)
@@ -328,6 +351,7 @@ def train(cfg: TrainConfig | dict | str | None = None, *, resume: str | None = N
 
     history: list[dict] = []
     best_auc, since_best, start_epoch, best_info = -1.0, 0, 1, {}
+    best_logits = None  # validation logits of best.pt when this process made it (else recomputed at the end)
     last_path, best_path = out / "last.pt", out / "best.pt"
     if resume and last_path.exists():
         ck = load_checkpoint(last_path)
@@ -406,6 +430,7 @@ def train(cfg: TrainConfig | dict | str | None = None, *, resume: str | None = N
         if improved:
             best_auc, since_best = scores["val_auc"], 0
             best_info = calibrate(val_logits, va.y.numpy(), cfg.threshold)
+            best_logits = val_logits
         else:
             since_best += 1
         if dist.main:
@@ -436,7 +461,7 @@ def train(cfg: TrainConfig | dict | str | None = None, *, resume: str | None = N
     if best is not None:
         metrics.update({k: best["metrics"][k] for k in ("val_loss", "val_accuracy", "val_sensitivity", "val_specificity")})
         if dist.main:
-            metrics["val_at_threshold"] = _val_at_threshold(best, va, device, amp)
+            metrics["val_at_threshold"] = _val_at_threshold(best, va, device, amp, best_logits)
     if dist.main:
         from pneumoscope.report import plot_history
 
@@ -461,14 +486,19 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _val_at_threshold(best: dict, va: Arrays, device: torch.device, amp) -> dict:
-    """Validation metrics of the best checkpoint at its stored threshold (what a user will get)."""
-    from pneumoscope.checkpoint import model_from_checkpoint
-    from pneumoscope.metrics import binary_metrics
-    from pneumoscope.models import Preprocess
+def _val_at_threshold(best: dict, va: Arrays, device: torch.device, amp, logits: np.ndarray | None = None) -> dict:
+    """Validation metrics of the best checkpoint at its stored threshold (what a user will get).
 
-    model = model_from_checkpoint(best).to(device).to(memory_format=torch.channels_last)
-    logits = predict_logits(model, va.x, Preprocess.from_dict(best["preprocess"]), device, amp)
+    ``logits``: that checkpoint's validation logits when still in memory; otherwise (a resumed run whose best
+    epoch came before the interruption) the checkpoint is reloaded and run again.
+    """
+    from pneumoscope.metrics import binary_metrics
+
+    if logits is None:
+        from pneumoscope.checkpoint import model_from_checkpoint
+        from pneumoscope.models import Preprocess
+
+        model = model_from_checkpoint(best).to(device).to(memory_format=torch.channels_last)
+        logits = predict_logits(model, va.x, Preprocess.from_dict(best["preprocess"]), device, amp)
     p = pneumonia_score(logits, best.get("temperature") or 1.0, best.get("calibration_bias", 0.0))
-    m = binary_metrics((va.y.numpy() > 0).astype(int), p, best["threshold"])
-    return m
+    return binary_metrics((va.y.numpy() > 0).astype(int), p, best["threshold"])

@@ -125,7 +125,9 @@ def test_preprocess_defaults():
 def test_seed_cnn_structure_and_flatten_size():
     model = create_model("seed_cnn")
     kinds = [type(m) for m in model.modules()]
-    assert kinds.count(nn.Conv2d) == 4 and kinds.count(nn.MaxPool2d) == 4 and kinds.count(nn.Linear) == 3
+    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]  # MaxPool2x2 is an nn.MaxPool2d
+    assert kinds.count(nn.Conv2d) == 4 and len(pools) == 4 and kinds.count(nn.Linear) == 3
+    assert all(p.kernel_size == 2 and p.stride == 2 and not p.ceil_mode for p in pools)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [32, 64, 128, 128]
     assert all(c.kernel_size == (3, 3) and c.padding == (0, 0) for c in convs)  # Keras 'valid'
