@@ -1,8 +1,9 @@
 """Training throughput (images/s, steady state) and achieved GFLOP/s vs the measured matrix-product peak.
 
 The step is train.py's: uint8 batch -> float -> batched augmentation -> normalise -> forward -> loss -> backward ->
-AdamW step, on real shared images decoded once. Variants: fp32 NCHW, fp32 channels_last, bf16 autocast +
-channels_last. FLOPs: the forward pass is counted with torch.utils.flop_counter.FlopCounterMode (convolutions and
+AdamW step, on real shared images decoded once. Variants: fp32 NCHW with PyTorch's pooling and glibc's malloc
+defaults (naive PyTorch), fp32 channels_last, bf16 autocast + channels_last (= train.py here), and the latter with
+either of its memory-side optimisations off (numba pooling, glibc keeping freed memory). FLOPs: the forward pass is counted with torch.utils.flop_counter.FlopCounterMode (convolutions and
 matrix products; element-wise ops are not counted) and forward + backward is taken as 3 x forward: the counter's
 own backward count is wrong for grouped (depthwise) convolutions (torch 2.13 counts EfficientNet-Lite0's
 convolution_backward as 31 GFLOP per image, ~40 x too much). The peaks are n x n matrix products in the same process.
@@ -31,11 +32,17 @@ from pneumoscope.augment import augment_batch
 from pneumoscope.bench import describe, device_description, matmul_gflops
 from pneumoscope.config import TrainConfig
 from pneumoscope.models import create_model
-from pneumoscope.train import normalize
+from pneumoscope.pooling import set_fast_pooling
+from pneumoscope.train import normalize, reuse_freed_memory
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray"
 
-VARIANTS = {"fp32": (None, False), "fp32+cl": (None, True), "bf16+cl": (torch.bfloat16, True)}
+# name: (autocast dtype, channels_last, numba pooling, glibc keeps freed memory). "bf16+cl" is what train.py does
+# on this CPU; the last two switch one of its two memory-side optimisations off, in the same process.
+VARIANTS = {"fp32": (None, False, False, False), "fp32+cl": (None, True, True, True),
+            "bf16+cl": (torch.bfloat16, True, True, True),
+            "bf16+cl, PyTorch pooling": (torch.bfloat16, True, False, True),
+            "bf16+cl, glibc malloc defaults": (torch.bfloat16, True, True, False)}
 
 
 def real_images(data: Path, n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +62,7 @@ class Step:
 
     def __init__(self, name: str, size: int, variant: str, x: torch.Tensor, y: torch.Tensor, batch: int) -> None:
         torch.manual_seed(0)
-        self.amp, self.cl = VARIANTS[variant]
+        self.amp, self.cl, self.fast_pool, self.keep_memory = VARIANTS[variant]
         self.model = create_model(name, num_classes=1, image_size=size)
         if self.cl:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -79,6 +86,8 @@ class Step:
         loss.backward()
 
     def __call__(self) -> None:
+        set_fast_pooling(self.fast_pool)
+        reuse_freed_memory(self.keep_memory)
         self.model.train()
         self.forward_backward(*self.inputs())
         self.opt.step()
@@ -121,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--configs", default="seed_cnn:150,seed_cnn:224,efficientnet_lite0:224", help="model:size,...")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    ap.add_argument("--variants", default=";".join(VARIANTS), help=f"';'-separated subset of {'; '.join(VARIANTS)}")
     ap.add_argument("--n", type=int, default=256, help="real images decoded per size (default 256)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=3)
@@ -132,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     configs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs.split(",")]
-    variants = args.variants.split(",")
+    variants = [v.strip() for v in args.variants.split(";")]
     data: dict[int, tuple] = {}
 
     print(f"# training throughput\n\nDevice: {describe(device_description())}; {torch.get_num_threads()} threads\n")

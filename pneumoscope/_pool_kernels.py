@@ -16,11 +16,13 @@ def key(v, flip):
 
 
 @njit(parallel=True, cache=True)
-def pool_forward(x, flip, y, where):  # pragma: no cover - compiled; tested through pooling.py
-    """y[n, p, q, c] = max of the 2x2 window at (2p, 2q) (first maximum in row-major order wins, like PyTorch);
-    where[...] = its position in the window (0..3)."""
+def pool_relu_forward(x, flip, y, where):  # pragma: no cover - compiled; tested through pooling.py
+    """y[n, p, q, c] = relu(max of the 2x2 window at (2p, 2q)); where[...] = the maximum's position in the window
+    (0..3; the first maximum in row-major order wins, like PyTorch) or 255 where the ReLU passes no gradient.
+    As torch.relu: -0 stays -0, negatives become +0, (positive) NaN passes."""
     n_img, _, _, n_ch = x.shape
     _, h, w, _ = y.shape
+    zero = np.zeros(1, y.dtype)[0]
     for r in prange(n_img * h):
         n, p = r // h, r % h
         i = 2 * p
@@ -42,13 +44,18 @@ def pool_forward(x, flip, y, where):  # pragma: no cover - compiled; tested thro
                 kv = key(v, flip)
                 if kv > kb:
                     best, kb, k = v, kv, 3
-                y[n, p, q, c] = best
-                where[n, p, q, c] = k
+                if kb > 0:
+                    y[n, p, q, c] = best
+                    where[n, p, q, c] = k
+                else:
+                    y[n, p, q, c] = best if kb == 0 else zero
+                    where[n, p, q, c] = 255
 
 
 @njit(parallel=True, cache=True)
-def pool_backward(g, where, gi):  # pragma: no cover - compiled; tested through pooling.py
-    """gi = g routed to each window's maximum, 0 elsewhere (also in a last odd row/column the pooling skipped)."""
+def pool_relu_backward(g, where, gi):  # pragma: no cover - compiled; tested through pooling.py
+    """gi = g routed to each window's maximum where the ReLU passed it, 0 elsewhere (also in a last odd row or
+    column that the pooling skipped)."""
     n_img, h, w, n_ch = g.shape
     _, big_h, big_w, _ = gi.shape
     zero = np.zeros(1, gi.dtype)[0]

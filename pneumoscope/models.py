@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from pneumoscope.errors import CheckpointError, ConfigError
-from pneumoscope.pooling import MaxPool2x2
+from pneumoscope.pooling import MaxPoolReLU
 
 logger = logging.getLogger(__name__)
 
@@ -144,10 +144,9 @@ def _conv_block(cin: int, cout: int, padding: int, bn: bool) -> list[tuple[str, 
     layers: list[tuple[str, nn.Module]] = [("conv", nn.Conv2d(cin, cout, 3, padding=padding, bias=not bn))]
     if bn:
         layers.append(("bn", nn.BatchNorm2d(cout)))
-    # pool before ReLU: max-pool and ReLU commute (ReLU is monotonic), so the output is identical to the
-    # usual conv-ReLU-pool, and the ReLU runs on a 4x smaller tensor (about 28 % faster training on CPU).
-    # MaxPool2x2 = nn.MaxPool2d(2) with a faster, bit-identical CPU path (pooling.py)
-    return layers + [("pool", MaxPool2x2()), ("relu", nn.ReLU(inplace=True))]
+    # pool, then ReLU, in one module: max-pool and ReLU commute (ReLU is monotonic), so the output is identical to
+    # the usual conv-ReLU-pool, and the ReLU runs on a 4x smaller tensor; pooling.py has a faster CPU path for it
+    return layers + [("pool", MaxPoolReLU())]
 
 
 def _seed_feature_size(image_size: int, n_blocks: int) -> int:

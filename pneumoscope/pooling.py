@@ -1,14 +1,16 @@
-"""2x2 max-pooling with a faster CPU path, bit-identical to ``F.max_pool2d(x, 2)``.
+"""relu(2x2 max-pooling) with a faster CPU path, bit-identical to ``F.relu(F.max_pool2d(x, 2))``.
 
 PyTorch's CPU max-pooling stores an int64 index per output and its backward zero-fills the full-size gradient
 before scattering into it: on seed_cnn at 150 px (bf16, batch 32) the first pooling layer cost ~18 ms of a
 ~90 ms training step on the reference CPU, more than the convolution before it. The numba kernels in
-``_pool_kernels.py`` keep a one-byte window position instead and write the gradient in one pass (~5 ms). Values
-and gradients are the same bit for bit, ties included (tested), so training results do not change.
+``_pool_kernels.py`` keep a one-byte window position instead, apply the ReLU that follows every pooling in the
+conv blocks in the same pass, and write the gradient in one pass (~5 ms). Values and gradients are the same bit
+for bit, ties and signed zeros included (tested), so training results do not change.
 
-`MaxPool2x2` takes that path for plain CPU tensors in channels_last bf16/fp32 when numba is installed and
-nothing is tracing (torch.export/ONNX, torch.compile, TorchScript, FX see an ordinary ``nn.MaxPool2d``);
-otherwise it *is* ``nn.MaxPool2d(2)``. ``set_fast_pooling(False)`` turns the path off (benchmarks compare both).
+`MaxPoolReLU` takes that path for plain CPU tensors in channels_last bf16/fp32 when numba is installed and
+nothing is tracing (torch.export/ONNX, torch.compile, TorchScript and FX see ``max_pool2d`` + ``relu``);
+otherwise it runs exactly those two PyTorch ops. ``set_fast_pooling(False)`` turns the path off (benchmarks
+compare both).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import functools
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -63,7 +66,7 @@ def _threads(numba) -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
-class _MaxPool2x2(torch.autograd.Function):
+class _MaxPoolReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         numba, k = _kernels()
@@ -72,7 +75,7 @@ class _MaxPool2x2(torch.autograd.Function):
         y = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
         where = torch.empty((n, h // 2, w // 2, c), dtype=torch.uint8)
         _threads(numba)
-        k.pool_forward(_nhwc(x, as_int), flip, _nhwc(y, as_int), where.numpy())
+        k.pool_relu_forward(_nhwc(x, as_int), flip, _nhwc(y, as_int), where.numpy())
         ctx.save_for_backward(where)
         ctx.input_shape = x.shape
         return y
@@ -86,17 +89,20 @@ class _MaxPool2x2(torch.autograd.Function):
         g = g.contiguous(memory_format=torch.channels_last)
         gi = torch.empty(ctx.input_shape, dtype=g.dtype, memory_format=torch.channels_last)
         _threads(numba)
-        k.pool_backward(_nhwc(g, as_int), where.numpy(), _nhwc(gi, as_int))
+        k.pool_relu_backward(_nhwc(g, as_int), where.numpy(), _nhwc(gi, as_int))
         return gi
 
 
-class MaxPool2x2(nn.MaxPool2d):
-    """``nn.MaxPool2d(2)`` (floor mode) with the numba CPU path above."""
+class MaxPoolReLU(nn.Module):
+    """``relu(max_pool2d(x, 2))`` (floor mode) with the numba CPU path above.
 
-    def __init__(self) -> None:
-        super().__init__(kernel_size=2)
+    Max-pooling and ReLU commute (ReLU is monotonic), so a conv block's conv -> pool -> ReLU equals the usual
+    conv -> ReLU -> pool; the ReLU then touches a 4x smaller tensor.
+    """
+
+    kernel_size = stride = 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fast_path_available(x):
-            return _MaxPool2x2.apply(x)
-        return super().forward(x)
+            return _MaxPoolReLU.apply(x)
+        return F.relu(F.max_pool2d(x, 2), inplace=True)

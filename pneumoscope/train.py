@@ -71,7 +71,8 @@ def reuse_freed_memory(on: bool = True) -> bool:
     By default glibc serves blocks over 32 MB with a fresh mmap and unmaps them on free, so every training step
     page-faults its largest activations anew (seed_cnn at 150 px, batch 32: the first feature map and its gradient
     are 45 MB each); that costs about a fifth of a CPU training step here (docs/speed.md). ``on=False`` restores
-    glibc's defaults. The price: the process keeps its peak heap instead of returning it to the system.
+    glibc's defaults. The price: the process keeps its peak heap instead of returning it to the system (the first
+    few steps may still grow it: an aligned re-allocation does not always fit the block just freed).
     """
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
@@ -159,7 +160,7 @@ def decode(samples: list[Sample], size: int, cfg: TrainConfig, show: bool) -> Ar
     keep = np.flatnonzero(d.ok)
     if len(keep) == 0:
         raise DatasetLayoutError(f"{cfg.data}: none of the {len(samples)} images could be decoded")
-    x = torch.from_numpy(d.images[keep]).unsqueeze(1)
+    x = torch.from_numpy(d.images if len(keep) == len(samples) else d.images[keep]).unsqueeze(1)  # no copy when all decode
     y = torch.tensor([samples[i].label for i in keep], dtype=torch.int64)
     return Arrays(x=x, y=y, samples=[samples[i] for i in keep])
 

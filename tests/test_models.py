@@ -22,6 +22,7 @@ from pneumoscope.models import (
     rebuild,
     set_backbone_trainable,
 )
+from pneumoscope.pooling import MaxPoolReLU
 
 # Small sizes keep the file fast (seed_cnn's minimum is 46 px, densenet121's 32 px).
 SMALL = {"seed_cnn": 64, "cnn_rnn": 64, "efficientnet_lite0": 64, "densenet121": 32, "resnet18": 64}
@@ -125,9 +126,9 @@ def test_preprocess_defaults():
 def test_seed_cnn_structure_and_flatten_size():
     model = create_model("seed_cnn")
     kinds = [type(m) for m in model.modules()]
-    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]  # MaxPool2x2 is an nn.MaxPool2d
-    assert kinds.count(nn.Conv2d) == 4 and len(pools) == 4 and kinds.count(nn.Linear) == 3
-    assert all(p.kernel_size == 2 and p.stride == 2 and not p.ceil_mode for p in pools)
+    assert kinds.count(nn.Conv2d) == 4 and kinds.count(MaxPoolReLU) == 4 and kinds.count(nn.Linear) == 3
+    names = [n for n, _ in model.backbone.named_children()]
+    assert names[:3] == ["conv1", "pool1", "conv2"]  # each conv followed by 2x2 max-pooling (+ ReLU)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [32, 64, 128, 128]
     assert all(c.kernel_size == (3, 3) and c.padding == (0, 0) for c in convs)  # Keras 'valid'

@@ -1,11 +1,11 @@
-"""The numba max-pooling path must equal F.max_pool2d(x, 2) bit for bit, forward and backward."""
+"""The numba pooling path must equal F.relu(F.max_pool2d(x, 2)) bit for bit, forward and backward."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pneumoscope import pooling
 from pneumoscope.models import create_model
-from pneumoscope.pooling import MaxPool2x2, fast_path_available
+from pneumoscope.pooling import MaxPoolReLU, fast_path_available
 
 pytest.importorskip("numba")
 
@@ -19,6 +19,7 @@ def _input(dtype, shape, seed=0):
         x[:, :, :4] = 0.5  # whole windows of ties
         x[:, :, 4:6] = 0.0
         x[:, :, 4, ::2] = -0.0  # -0 beside +0 in one window: equal, so the first one wins as in PyTorch
+        x[:, :, 5, :] = -0.0  # windows of -0 and +0 only: relu keeps the sign of a -0 maximum, as torch.relu does
         x[:, :, 6:8, 1:] = torch.finfo(dtype).min  # the most negative value beside others
     return x.contiguous(memory_format=torch.channels_last).requires_grad_()
 
@@ -28,8 +29,8 @@ def _input(dtype, shape, seed=0):
 def test_forward_and_gradient_bitwise_equal_to_pytorch(dtype, shape):
     x = _input(dtype, shape)
     assert fast_path_available(x)
-    y_fast = MaxPool2x2()(x)
-    y_ref = F.max_pool2d(x, 2)
+    y_fast = MaxPoolReLU()(x)
+    y_ref = F.relu(F.max_pool2d(x, 2))
     assert y_fast.shape == y_ref.shape and y_fast.dtype == dtype
     assert y_fast.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(y_fast.detach().view(BITS[dtype]), y_ref.detach().view(BITS[dtype]))  # bits, -0 included
@@ -43,15 +44,15 @@ def test_forward_and_gradient_bitwise_equal_to_pytorch(dtype, shape):
 def test_falls_back_where_the_fast_path_does_not_apply():
     x = torch.randn(2, 3, 8, 8)  # NCHW: not channels_last (3 channels)
     assert not fast_path_available(x)
-    assert torch.equal(MaxPool2x2()(x), F.max_pool2d(x, 2))
+    assert torch.equal(MaxPoolReLU()(x), F.relu(F.max_pool2d(x, 2)))
     assert not fast_path_available(torch.randn(2, 3, 8, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last))
     prev = pooling.set_fast_pooling(False)
     try:
         assert not fast_path_available(_input(torch.float32, (1, 4, 4, 4)))
     finally:
         pooling.set_fast_pooling(prev)
-    traced = torch.jit.trace(MaxPool2x2(), torch.randn(1, 4, 6, 6).contiguous(memory_format=torch.channels_last))
-    assert "max_pool2d" in str(traced.graph)  # tracing sees PyTorch's operator, not the numba call
+    traced = torch.jit.trace(MaxPoolReLU(), torch.randn(1, 4, 6, 6).contiguous(memory_format=torch.channels_last))
+    assert "max_pool2d" in str(traced.graph) and "relu" in str(traced.graph)  # PyTorch's operators, not numba
 
 
 def test_training_steps_bitwise_identical_to_native_pooling():

@@ -56,6 +56,47 @@ def test_reload_in_fresh_process_gives_identical_probabilities(run, chest_xray):
     assert len(set(here)) == 3  # three different images, three different probabilities
 
 
+def test_metrics_at_threshold_equal_a_reload_of_best_checkpoint(run, chest_xray):
+    """train() reuses the best epoch's validation logits; reloading best.pt and running it again gives the same."""
+    from pneumoscope.train import _val_at_threshold, decode, pick_precision, resolve, split_samples
+
+    out, m = run
+    cfg = resolve(dict(SMALL, data=str(chest_xray)))
+    _, val_s, _, _ = split_samples(cfg)
+    va = decode(val_s, 64, cfg, show=False)
+    cpu = torch.device("cpu")
+    again = _val_at_threshold(load_checkpoint(out / "best.pt"), va, cpu, pick_precision("auto", cpu))
+    assert again == m["val_at_threshold"]
+    assert m["val_at_threshold"]["n"] == m["n_val"]
+
+
+def test_reuse_freed_memory_stops_page_faults_on_large_tensors():
+    """With glibc's defaults a freed 64 MB tensor goes back to the system and its next allocation page-faults
+    again (~16k faults), every time; after reuse_freed_memory() the memory is reused once the heap has grown to fit
+    (glibc may first extend it for up to 3 rounds, depending on the heap's address alignment). In a fresh process:
+    the allocator's state depends on everything the process allocated before."""
+    code = """
+import json, resource, torch
+from pneumoscope.train import reuse_freed_memory
+
+def faults_of_second_allocation():
+    x = torch.ones(2**24)
+    del x
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(2**24)
+    del x
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+returned = [faults_of_second_allocation() for _ in range(2)]
+on = reuse_freed_memory(True)
+print(json.dumps({"on": on, "returned": returned, "kept": [faults_of_second_allocation() for _ in range(8)]}))
+"""
+    r = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    if not r["on"]:
+        pytest.skip("not glibc: no mallopt")
+    assert min(r["returned"]) > 8000 and max(r["kept"][4:]) < 1000, r
+
+
 def test_resume_after_kill_equals_straight_run(chest_xray, tmp_path):
     cfg = dict(SMALL, data=str(chest_xray), epochs=4, patience=10)
     straight = train(dict(cfg, out=str(tmp_path / "straight")))
