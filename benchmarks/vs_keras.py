@@ -94,8 +94,11 @@ def mode_a(args) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from pneumoscope.train import reuse_freed_memory
+
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
+    reuse_freed_memory()  # as `pneumoscope train` does; process-wide, so TensorFlow gets it too
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     size, bs = args.image_size, args.batch_size

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 _INT_VIEW = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float32: (torch.int32, 0x7FFFFFFF)}
 _enabled = True
+# numba's fallback "workqueue" threading layer aborts on concurrent calls (e.g. the service's request threads);
+# the kernels take a few ms, so they simply run one at a time
+_lock = threading.Lock()
 
 
 def set_fast_pooling(on: bool) -> bool:
@@ -74,8 +78,9 @@ class _MaxPoolReLU(torch.autograd.Function):
         n, c, h, w = x.shape
         y = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
         where = torch.empty((n, h // 2, w // 2, c), dtype=torch.uint8)
-        _threads(numba)
-        k.pool_relu_forward(_nhwc(x, as_int), flip, _nhwc(y, as_int), where.numpy())
+        with _lock:
+            _threads(numba)
+            k.pool_relu_forward(_nhwc(x, as_int), flip, _nhwc(y, as_int), where.numpy())
         ctx.save_for_backward(where)
         ctx.input_shape = x.shape
         return y
@@ -88,8 +93,9 @@ class _MaxPoolReLU(torch.autograd.Function):
         as_int, _ = _INT_VIEW[g.dtype]
         g = g.contiguous(memory_format=torch.channels_last)
         gi = torch.empty(ctx.input_shape, dtype=g.dtype, memory_format=torch.channels_last)
-        _threads(numba)
-        k.pool_relu_backward(_nhwc(g, as_int), where.numpy(), _nhwc(gi, as_int))
+        with _lock:
+            _threads(numba)
+            k.pool_relu_backward(_nhwc(g, as_int), where.numpy(), _nhwc(gi, as_int))
         return gi
 
 

@@ -81,3 +81,13 @@ def test_training_steps_bitwise_identical_to_native_pooling():
     torch.manual_seed(0)
     init = create_model("seed_cnn", num_classes=1, image_size=64, dropout=0.0).state_dict()
     assert not torch.equal(fast["backbone.conv1.weight"], init["backbone.conv1.weight"])  # the steps did train
+
+
+def test_concurrent_calls_from_threads_are_correct():
+    """The service runs models from several request threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    xs = [_input(torch.bfloat16, (2, 16, 20, 20), seed=s).detach() for s in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda x: MaxPoolReLU()(x), xs))
+    assert all(torch.equal(o, F.relu(F.max_pool2d(x, 2))) for o, x in zip(outs, xs))

@@ -30,6 +30,9 @@ class Decoded:
     errors: list[tuple[Path, str]] = field(default_factory=list)
 
 
+_CHUNK = 32  # files per decode task
+
+
 def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
@@ -73,17 +76,21 @@ def decode_all(
     ok = np.zeros(len(paths), dtype=bool)
     errors: list[tuple[Path, str]] = []
 
-    def work(i: int) -> None:
-        try:
-            images[i] = load_uint8(paths[i], size)
-            ok[i] = True
-        except ImageReadError as e:
-            errors.append((paths[i], str(e)))
+    def work(start: int) -> int:
+        for i in range(start, min(start + _CHUNK, len(paths))):
+            try:
+                images[i] = load_uint8(paths[i], size)
+                ok[i] = True
+            except ImageReadError as e:
+                errors.append((paths[i], str(e)))
+        return min(_CHUNK, len(paths) - start)
 
-    # Pillow releases the GIL while decoding and resizing: threads scale across cores without pickling.
-    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-        list(tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=f"decode {size}px",
-                  disable=not progress, leave=False, unit="img"))
+    # Pillow releases the GIL while decoding and resizing: threads scale across cores without pickling. Chunks of
+    # files per task: one future per file cost more than decoding a small JPEG.
+    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool, \
+            tqdm(total=len(paths), desc=f"decode {size}px", disable=not progress, leave=False, unit="img") as bar:
+        for n in pool.map(work, range(0, len(paths), _CHUNK)):
+            bar.update(n)
     errors.sort(key=lambda e: str(e[0]))
     for p, msg in errors:
         log.warning("skipping unreadable image %s: %s", p, msg)
