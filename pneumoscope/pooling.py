@@ -106,8 +106,6 @@ class MaxPoolReLU(nn.Module):
     conv -> ReLU -> pool; the ReLU then touches a 4x smaller tensor.
     """
 
-    kernel_size = stride = 2
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fast_path_available(x):
             return _MaxPoolReLU.apply(x)

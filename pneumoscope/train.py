@@ -160,7 +160,8 @@ def decode(samples: list[Sample], size: int, cfg: TrainConfig, show: bool) -> Ar
     keep = np.flatnonzero(d.ok)
     if len(keep) == 0:
         raise DatasetLayoutError(f"{cfg.data}: none of the {len(samples)} images could be decoded")
-    x = torch.from_numpy(d.images if len(keep) == len(samples) else d.images[keep]).unsqueeze(1)  # no copy when all decode
+    images = d.images if len(keep) == len(samples) else d.images[keep]  # no 100 MB copy when every file decoded
+    x = torch.from_numpy(images).unsqueeze(1)
     y = torch.tensor([samples[i].label for i in keep], dtype=torch.int64)
     return Arrays(x=x, y=y, samples=[samples[i] for i in keep])
 
