@@ -3,8 +3,8 @@
 The step is train.py's: uint8 batch -> float -> batched augmentation -> normalise -> forward -> loss -> backward ->
 AdamW step, on real shared images decoded once. Variants: fp32 NCHW with PyTorch's pooling and glibc's malloc
 defaults (naive PyTorch), fp32 channels_last, bf16 autocast + channels_last (= train.py here), and the latter with
-either of its memory-side optimisations off (numba pooling, glibc keeping freed memory). FLOPs: the forward pass is counted with torch.utils.flop_counter.FlopCounterMode (convolutions and
-matrix products; element-wise ops are not counted) and forward + backward is taken as 3 x forward: the counter's
+either of its memory-side optimisations off (numba pooling, glibc keeping freed memory). FLOPs: the forward pass
+is counted with torch.utils.flop_counter.FlopCounterMode (convolutions and matrix products; element-wise ops are not counted) and forward + backward is taken as 3 x forward: the counter's
 own backward count is wrong for grouped (depthwise) convolutions (torch 2.13 counts EfficientNet-Lite0's
 convolution_backward as 31 GFLOP per image, ~40 x too much). The peaks are n x n matrix products in the same process.
 
