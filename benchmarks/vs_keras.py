@@ -7,7 +7,8 @@ call only) of both frameworks, on the same decoded real images and batch size.
 Mode B (``--end-to-end``): each framework's usual whole program, as a subprocess, on the full shared training
 split: ``pneumoscope train --model seed_cnn --image-size 150 --epochs 2`` vs Keras'
 ``image_dataset_from_directory`` (on symlinked folders of the same patient-level train/val split) + ``cache()`` +
-RandomRotation/RandomZoom/RandomTranslation/RandomContrast layers + class weights + ``model.fit`` for 2 epochs.
+RandomRotation/RandomZoom/RandomTranslation/RandomContrast/RandomBrightness layers (pneumoscope's default
+augmentation) + class weights + ``model.fit`` for 2 epochs.
 Wall time (median of ``--rounds`` alternating runs: the Keras program's time varies by up to 1.5x from run to
 run here) and validation accuracy (at 0.5, of the epoch with the best validation AUC, as pneumoscope picks it).
 
@@ -41,18 +42,24 @@ MEAN, STD = 0.5, 0.25  # seed_cnn's preprocess
 def keras_seed_cnn(size: int, augment: bool = False, rescale: bool = False):
     """pneumoscope's seed_cnn in Keras: 4 x (Conv2D 3x3 valid + ReLU + MaxPool 2), Flatten, Dropout 0.5,
     Dense 128 relu, Dense 64 relu, Dense 1 sigmoid. ``rescale``: the input is 0..255 pixels (normalised inside);
-    ``augment``: Keras' random layers (active in training only) with pneumoscope's default ranges."""
+    ``augment`` (needs ``rescale``): Keras' random layers (active in training only) with pneumoscope's default
+    ranges, on the 0..255 pixels before normalising: Keras' RandomContrast/RandomBrightness clip to their
+    ``value_range`` (default 0..255), as pneumoscope clamps to [0, 1]; on normalised input they would zero every
+    pixel below the mean grey."""
     import keras
     from keras import layers
 
+    if augment and not rescale:
+        raise ValueError("augment=True needs rescale=True (Keras' augmentation layers work on 0..255 pixels)")
     x = inp = keras.Input((size, size, 1))
-    if rescale:
-        x = layers.Rescaling(1 / (255 * STD), offset=-MEAN / STD)(x)  # (x / 255 - 0.5) / 0.25
     if augment:
-        x = layers.RandomRotation(10 / 360, fill_mode="constant")(x)
+        x = layers.RandomRotation(10 / 360, fill_mode="constant")(x)  # fill 0 = black, as pneumoscope's padding
         x = layers.RandomZoom(0.10, fill_mode="constant")(x)
         x = layers.RandomTranslation(0.08, 0.08, fill_mode="constant")(x)
         x = layers.RandomContrast(0.20)(x)
+        x = layers.RandomBrightness(0.15)(x)  # +-0.15 of the range, as pneumoscope's brightness=0.15
+    if rescale:
+        x = layers.Rescaling(1 / (255 * STD), offset=-MEAN / STD)(x)  # (x / 255 - 0.5) / 0.25
     for ch in (32, 64, 128, 128):
         x = layers.Conv2D(ch, 3, padding="valid", activation="relu")(x)
         x = layers.MaxPooling2D(2)(x)

@@ -1,5 +1,5 @@
 """`python -m pneumoscope ...` (and `torchrun -m pneumoscope train ...`)."""
-from pneumoscope.cli import main
+from pneumoscope.cli import run
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

@@ -60,7 +60,8 @@ def compare(base: TrainConfig, models: list[str], out: str | Path, tta: bool = F
     from pneumoscope.checkpoint import load_checkpoint, model_from_checkpoint
     from pneumoscope.metrics import choose_threshold
     from pneumoscope.models import Preprocess
-    from pneumoscope.train import decode, pick_device, pneumonia_score, split_samples, train
+    from pneumoscope.data.prepare import split_samples
+    from pneumoscope.train import decode, pick_device, pneumonia_score, train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,10 @@ import yaml
 
 from pneumoscope.errors import ConfigError
 
+# Input size of each model in models.py's registry when image_size is not set. It lives here, free of torch, so
+# that `pneumoscope train` can start decoding at that size before PyTorch is imported (data/prepare.py).
+DEFAULT_INPUT_SIZE = {"seed_cnn": 150, "cnn_rnn": 224, "efficientnet_lite0": 224, "densenet121": 224, "resnet18": 224}
+
 
 @dataclass
 class TrainConfig:
@@ -135,3 +139,26 @@ def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config value {k}={v!r} is invalid: expected {t}") from e
     return TrainConfig(**values)
+
+
+def resolve(cfg: TrainConfig | dict | str | None = None, resume: str | None = None, *, validate: bool = True,
+            **overrides) -> TrainConfig:
+    """A validated config from a TrainConfig, a dict, a YAML path, or a run folder to resume.
+
+    ``validate=False`` skips `TrainConfig.validate` (which imports the model registry, hence torch)."""
+    if resume:
+        run = Path(resume)
+        if not (run / "config.yaml").is_file():
+            raise ConfigError(f"cannot resume {run}: no config.yaml there (is it a run folder of pneumoscope train?)")
+        base = yaml.safe_load((run / "config.yaml").read_text())
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        base["out"] = str(run)
+        c = load_config(None, **base)
+        return c.validate() if validate else c
+    if isinstance(cfg, TrainConfig):
+        c = TrainConfig(**{**cfg.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
+    elif isinstance(cfg, dict):
+        c = load_config(None, **{**cfg, **overrides})
+    else:
+        c = load_config(cfg, **overrides)
+    return c.validate() if validate else c

@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from pneumoscope.config import DEFAULT_INPUT_SIZE
 from pneumoscope.errors import CheckpointError, ConfigError
 from pneumoscope.pooling import MaxPoolReLU
 
@@ -218,7 +219,7 @@ def _seed_min_size(kw: dict) -> int:
 
 
 _REGISTRY["seed_cnn"] = _Spec(
-    _build_seed_cnn, 150, _seed_min_size, stem_key="backbone.conv1.weight",
+    _build_seed_cnn, DEFAULT_INPUT_SIZE["seed_cnn"], _seed_min_size, stem_key="backbone.conv1.weight",
     defaults={"channels": [32, 64, 128, 128], "fc": [128, 64], "dropout": 0.5},
 )
 
@@ -242,7 +243,7 @@ def _build_cnn_rnn(num_classes: int, image_size: int, channels: Sequence[int] = 
 
 
 _REGISTRY["cnn_rnn"] = _Spec(
-    _build_cnn_rnn, 224, lambda kw: 2 ** len(kw["channels"]),
+    _build_cnn_rnn, DEFAULT_INPUT_SIZE["cnn_rnn"], lambda kw: 2 ** len(kw["channels"]),
     stem_key="backbone.block1.conv.weight",
     defaults={"channels": [32, 64, 128, 128], "hidden": 128, "dropout": 0.3},
 )
@@ -305,7 +306,7 @@ def efficientnet_lite0_imagenet(weights: str | Path | None = None) -> nn.Module:
 
 
 _REGISTRY["efficientnet_lite0"] = _Spec(
-    _build_efficientnet_lite0, 224, lambda kw: 32, stem_key="backbone._conv_stem.weight",
+    _build_efficientnet_lite0, DEFAULT_INPUT_SIZE["efficientnet_lite0"], lambda kw: 32, stem_key="backbone._conv_stem.weight",
     stem_bn_key="backbone._bn0.running_mean", rgb_norm=(EFFNET_LITE_RGB_MEAN, EFFNET_LITE_RGB_STD),
     raw_head=("_fc.",), packaged_weights=_effnet_weights_path, defaults={"dropout": 0.2, "bn_momentum": 0.1},
 )
@@ -341,11 +342,11 @@ def _build_resnet18(num_classes: int, image_size: int, dropout: float = 0.0, con
 
 
 _REGISTRY["densenet121"] = _Spec(
-    _build_densenet121, 224, lambda kw: 32, stem_key="backbone.features.conv0.weight",
+    _build_densenet121, DEFAULT_INPUT_SIZE["densenet121"], lambda kw: 32, stem_key="backbone.features.conv0.weight",
     raw_head=("class_layers.out.", "classifier."), defaults={"dropout": 0.0},
 )
 _REGISTRY["resnet18"] = _Spec(
-    _build_resnet18, 224, lambda kw: 32, stem_key="backbone.conv1.weight", raw_head=("fc.",),
+    _build_resnet18, DEFAULT_INPUT_SIZE["resnet18"], lambda kw: 32, stem_key="backbone.conv1.weight", raw_head=("fc.",),
     defaults={"dropout": 0.0, "conv1_t_stride": 2, "bias_downsample": False},
 )
 

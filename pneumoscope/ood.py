@@ -281,16 +281,17 @@ def reference_for_checkpoint(checkpoint: str | Path, data_dir: str | Path, limit
     Put ``ref.to_dict()`` into the checkpoint (e.g. under ``"ood_reference"``) to ship it with the model.
     """
     from pneumoscope.checkpoint import load_checkpoint
+    from pneumoscope.config import resolve
     from pneumoscope.data.cache import decode_all
+    from pneumoscope.data.prepare import split_samples, subset
     from pneumoscope.errors import CheckpointError
     from pneumoscope.predict import load
-    from pneumoscope.train import _subset, resolve, split_samples
 
     ckpt = load_checkpoint(checkpoint)
     if not ckpt.get("config"):
         raise CheckpointError(f"{checkpoint} stores no training config: its training split cannot be re-made")
     train_s, _, _, _ = split_samples(resolve(dict(ckpt["config"]), data=str(data_dir), limit=0, progress=False))
-    train_s = _subset(train_s, limit, seed)
+    train_s = subset(train_s, limit, seed)
     predictor = load(checkpoint)
     d = decode_all([s.path for s in train_s], predictor.preprocess.input_size, progress=progress)
     return reference_from_images(predictor, d.images[d.ok])

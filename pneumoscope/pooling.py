@@ -99,6 +99,14 @@ class _MaxPoolReLU(torch.autograd.Function):
         return gi
 
 
+def warm_up(dtype: torch.dtype = torch.float32) -> None:
+    """Import numba and load the kernels for ``dtype`` now (~1 s, once per process) rather than in the first
+    training step; `train` does it while another process prepares the data. No-op where the path is off."""
+    x = torch.zeros(1, 2, 2, 2, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    if fast_path_available(x):
+        _MaxPoolReLU.apply(x).sum().backward()
+
+
 class MaxPoolReLU(nn.Module):
     """``relu(max_pool2d(x, 2))`` (floor mode) with the numba CPU path above.
 

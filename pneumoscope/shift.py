@@ -194,8 +194,9 @@ def evaluation_samples(ckpt: dict, data_dir: str | Path, split: str | None = Non
     by ``data_dir``; ``limit`` ignored), exactly as ``train.split_samples`` made it: never a training image.
     ``split="test"`` (or any split name, or ``"all"`` for a folder without splits): those images.
     """
+    from pneumoscope.config import resolve
+    from pneumoscope.data.prepare import split_samples
     from pneumoscope.evaluate import select_split
-    from pneumoscope.train import resolve, split_samples
 
     labels = "binary" if len(ckpt["label_names"]) == 2 else "ternary"
     if split is not None:
@@ -233,9 +234,9 @@ def shift_study(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Pat
     """
     from pneumoscope.checkpoint import load_checkpoint
     from pneumoscope.data.cache import decode_all
+    from pneumoscope.data.prepare import subset
     from pneumoscope.errors import ConfigError, DatasetLayoutError
     from pneumoscope.predict import load
-    from pneumoscope.train import _subset
 
     if shifts is None:
         table = {n: strengths for n, (_, strengths) in SHIFTS.items()}
@@ -247,7 +248,7 @@ def shift_study(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Pat
     ckpt = load_checkpoint(checkpoint)
     predictor = load(checkpoint, device=device)
     samples, how = evaluation_samples(ckpt, data_dir, split)
-    samples = _subset(samples, limit, seed)
+    samples = subset(samples, limit, seed)
     d = decode_all([s.path for s in samples], predictor.preprocess.input_size, progress=progress)
     keep = np.flatnonzero(d.ok)
     if len(keep) == 0:

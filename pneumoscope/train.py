@@ -25,9 +25,10 @@ import yaml
 
 from pneumoscope.augment import augment_batch
 from pneumoscope.checkpoint import load_checkpoint, save_checkpoint
-from pneumoscope.config import TrainConfig, load_config
-from pneumoscope.data.cache import decode_all
-from pneumoscope.data.folders import Sample, check_no_cross_split_duplicates, scan, split_by_patient
+from pneumoscope.config import TrainConfig, resolve
+from pneumoscope.data.cache import Decoded
+from pneumoscope.data.folders import Sample
+from pneumoscope.data.prepare import Prefetch, decode_samples, split_samples
 from pneumoscope.errors import ConfigError, DatasetLayoutError
 
 log = logging.getLogger(__name__)
@@ -119,44 +120,12 @@ class Arrays:
     samples: list[Sample]
 
 
-def _subset(samples: list[Sample], limit: int, seed: int) -> list[Sample]:
-    """At most ``limit`` samples, class proportions kept, seeded."""
-    if not limit or len(samples) <= limit:
-        return samples
-    rng = np.random.default_rng(seed)
-    labels = np.array([s.label for s in samples])
-    keep: list[int] = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        n = max(1, int(round(limit * len(idx) / len(samples))))
-        keep += rng.choice(idx, size=min(n, len(idx)), replace=False).tolist()
-    return [samples[i] for i in sorted(keep)]
-
-
-def split_samples(cfg: TrainConfig) -> tuple[list[Sample], list[Sample], tuple[str, ...], str]:
-    """(train, val, label_names, how validation was made). Test data never enter."""
-    ds = scan(cfg.data, labels=cfg.labels)
-    check_no_cross_split_duplicates(ds, allow=cfg.allow_cross_split_duplicates)
-    splits = ds.splits
-    train_pool = ds.split("train") if "train" in splits else [s for s in ds.samples if s.split is None]
-    if not train_pool:
-        raise DatasetLayoutError(f"{cfg.data}: no training images (expected a train/ split or class folders)")
-    val_given = [s for s in ds.samples if s.split == "val"]
-    if len(val_given) >= cfg.min_val_split and len({s.label for s in val_given}) == len(ds.label_names):
-        train, val, how = train_pool, val_given, f"the data's val/ split ({len(val_given)} images)"
-    else:
-        if val_given:
-            log.info("val/ split has %d images (< %d): carving a patient-level validation split from train/ instead",
-                     len(val_given), cfg.min_val_split)
-        train, val = split_by_patient(train_pool, cfg.val_fraction, cfg.seed)
-        how = f"patient-level split of the training images (val_fraction={cfg.val_fraction}, seed={cfg.seed})"
-    train, val = _subset(train, cfg.limit, cfg.seed), _subset(val, cfg.limit, cfg.seed + 1)
-    return train, val, ds.label_names, how
-
-
 def decode(samples: list[Sample], size: int, cfg: TrainConfig, show: bool) -> Arrays:
-    d = decode_all([s.path for s in samples], size, workers=cfg.workers or None,
-                   cache_dir=cfg.cache_dir or None, progress=show and cfg.progress)
+    return to_arrays(decode_samples(samples, size, cfg, show), samples, cfg)
+
+
+def to_arrays(d: Decoded, samples: list[Sample], cfg: TrainConfig) -> Arrays:
+    """Decoded images of ``samples`` as tensors, unreadable files left out (decode_all has listed them)."""
     keep = np.flatnonzero(d.ok)
     if len(keep) == 0:
         raise DatasetLayoutError(f"{cfg.data}: none of the {len(samples)} images could be decoded")
@@ -164,6 +133,17 @@ def decode(samples: list[Sample], size: int, cfg: TrainConfig, show: bool) -> Ar
     x = torch.from_numpy(images).unsqueeze(1)
     y = torch.tensor([samples[i].label for i in keep], dtype=torch.int64)
     return Arrays(x=x, y=y, samples=[samples[i] for i in keep])
+
+
+def import_ahead(device: torch.device, amp: torch.dtype | None) -> None:
+    """Do now the ~1 s of single-threaded loading that the first step and the first validation would do
+    (numba's pooling kernels, scikit-learn's metrics)."""
+    import sklearn.metrics  # noqa: F401
+
+    if device.type == "cpu":
+        from pneumoscope.pooling import warm_up
+
+        warm_up(amp or torch.float32)
 
 
 def to_input(xb: torch.Tensor, pre, device: torch.device) -> torch.Tensor:
@@ -278,31 +258,18 @@ def epoch_line(h: dict, epochs: int) -> str:
             f"({h['images_per_s']:.0f} img/s)")
 
 
-def resolve(cfg: TrainConfig | dict | str | None = None, resume: str | None = None, **overrides) -> TrainConfig:
-    """A validated config from a TrainConfig, a dict, a YAML path, or a run folder to resume."""
-    if resume:
-        run = Path(resume)
-        if not (run / "config.yaml").is_file():
-            raise ConfigError(f"cannot resume {run}: no config.yaml there (is it a run folder of pneumoscope train?)")
-        base = yaml.safe_load((run / "config.yaml").read_text())
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        base["out"] = str(run)
-        return load_config(None, **base).validate()
-    if isinstance(cfg, TrainConfig):
-        c = TrainConfig(**{**cfg.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
-    elif isinstance(cfg, dict):
-        c = load_config(None, **{**cfg, **overrides})
-    else:
-        c = load_config(cfg, **overrides)
-    return c.validate()
-
-
 # ------------------------------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig | dict | str | None = None, *, resume: str | None = None, **overrides) -> dict:
-    """Train a model; return the final validation metrics. ``resume`` = a run folder to continue."""
+def train(cfg: TrainConfig | dict | str | None = None, *, resume: str | None = None, prefetch: Prefetch | None = None,
+          **overrides) -> dict:
+    """Train a model; return the final validation metrics. ``resume`` = a run folder to continue; ``prefetch`` =
+    the split and decoded images being prepared in another process (data/prepare.py; the caller closes it)."""
     from pneumoscope.models import create_model, param_groups, set_backbone_trainable
 
     cfg = resolve(cfg, resume, **overrides)
+    if prefetch is not None and not prefetch.matches(cfg):
+        log.warning("ignoring the prefetched data: they were prepared for another data/split configuration")
+        prefetch.close()
+        prefetch = None
     dist = init_distributed(cfg.device)
     if dist.world > 1 and cfg.freeze_epochs:
         raise ConfigError("config value freeze_epochs must be 0 under torchrun: DDP cannot change which parameters train mid-run")
@@ -319,7 +286,7 @@ def train(cfg: TrainConfig | dict | str | None = None, *, resume: str | None = N
 
     # model first (its preprocessing config decides the input size)
     torch.manual_seed(cfg.seed)
-    train_s, val_s, label_names, val_how = split_samples(cfg)
+    train_s, val_s, label_names, val_how = prefetch.split() if prefetch else split_samples(cfg)
     n_classes = len(label_names)
     model = create_model(cfg.model, num_classes=1 if n_classes == 2 else n_classes, image_size=cfg.image_size,
                          pretrained=cfg.pretrained, weights=cfg.weights or None, **cfg.model_kwargs)
@@ -332,15 +299,24 @@ def train(cfg: TrainConfig | dict | str | None = None, *, resume: str | None = N
                  "bf16" if amp == torch.bfloat16 else "fp16" if amp == torch.float16 else "fp32", device,
                  f" x{dist.world} processes" if dist.world > 1 else "", val_how)
 
-    tr = decode(train_s, pre.input_size, cfg, dist.main)
-    va = decode(val_s, pre.input_size, cfg, dist.main)
-    if dist.main:
-        log.info("train: %d images (%s), val: %d images (%s)", len(tr.y),
-                 ", ".join(f"{n} {c}" for c, n in zip(label_names, torch.bincount(tr.y, minlength=n_classes).tolist())),
-                 len(va.y), ", ".join(f"{n} {c}" for c, n in zip(label_names, torch.bincount(va.y, minlength=n_classes).tolist())))
-
     model = model.to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.backbone_lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    prefetched = prefetch is not None and prefetch.size == pre.input_size
+    if prefetched:
+        import_ahead(device, amp)  # while the other process still decodes: these imports then cost no wall time
+        dtr, dva = prefetch.decoded()
+        tr, va = to_arrays(dtr, train_s, cfg), to_arrays(dva, val_s, cfg)
+    else:
+        if prefetch is not None:  # decoded at another size than the model's: stop it, decode here
+            prefetch.close()
+        tr = decode(train_s, pre.input_size, cfg, dist.main)
+        va = decode(val_s, pre.input_size, cfg, dist.main)
+    if dist.main:
+        log.info("train: %d images (%s), val: %d images (%s)%s", len(tr.y),
+                 ", ".join(f"{n} {c}" for c, n in zip(label_names, torch.bincount(tr.y, minlength=n_classes).tolist())),
+                 len(va.y), ", ".join(f"{n} {c}" for c, n in zip(label_names, torch.bincount(va.y, minlength=n_classes).tolist())),
+                 "; decoded by a second process during start-up" if prefetched else "")
+
     per_rank = math.ceil(len(tr.y) / dist.world)
     steps_per_epoch = max(1, per_rank // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],

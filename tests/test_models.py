@@ -403,3 +403,14 @@ def test_efficientnet_batchnorm_statistics_follow_training():
         lag[mom] = (bn0.running_mean - feats.mean(dim=(0, 2, 3))).abs().mean().item()
     assert lag[0.1] < 0.25 * lag[0.01]
     assert create_model("efficientnet_lite0", image_size=64).backbone._bn0.momentum == 0.1  # the default
+
+
+def test_default_input_sizes_are_known_without_torch():
+    """config.DEFAULT_INPUT_SIZE (read by `pneumoscope train` before torch is imported) is the registry's."""
+    from pneumoscope.config import DEFAULT_INPUT_SIZE
+    from pneumoscope.models import _REGISTRY, list_models
+
+    assert sorted(DEFAULT_INPUT_SIZE) == list_models()
+    assert {k: s.default_size for k, s in _REGISTRY.items()} == DEFAULT_INPUT_SIZE
+    assert create_model("seed_cnn").preprocess.input_size == DEFAULT_INPUT_SIZE["seed_cnn"]
+

@@ -91,3 +91,11 @@ def test_concurrent_calls_from_threads_are_correct():
     with ThreadPoolExecutor(4) as pool:
         outs = list(pool.map(lambda x: MaxPoolReLU()(x), xs))
     assert all(torch.equal(o, F.relu(F.max_pool2d(x, 2))) for o, x in zip(outs, xs))
+
+
+@pytest.mark.parametrize("dtype,as_int", [(torch.bfloat16, "int16"), (torch.float32, "int32")])
+def test_warm_up_compiles_the_kernels_for_that_dtype(dtype, as_int):
+    pooling.warm_up(dtype)
+    _, k = pooling._kernels()
+    for kernel in (k.pool_relu_forward, k.pool_relu_backward):
+        assert any(as_int in str(sig) for sig in kernel.signatures), kernel.signatures

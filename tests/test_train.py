@@ -70,6 +70,53 @@ def test_metrics_at_threshold_equal_a_reload_of_best_checkpoint(run, chest_xray)
     assert m["val_at_threshold"]["n"] == m["n_val"]
 
 
+def test_train_with_prefetch_equals_train_without(run, chest_xray, tmp_path, caplog):
+    """Data prepared by a forked process (data/prepare.py) train the very same model as in-process decoding."""
+    from pneumoscope.config import resolve
+    from pneumoscope.data.prepare import Prefetch
+
+    out, m = run
+    cfg = resolve(dict(SMALL, data=str(chest_xray), epochs=1, out=str(tmp_path / "p")))
+    wrong = Prefetch(resolve(dict(SMALL, data=str(chest_xray), seed=4)), 64)  # another split: must be ignored
+    right = Prefetch(cfg, 64)
+    try:
+        with caplog.at_level("INFO", logger="pneumoscope.train"):
+            m_wrong = train(dict(cfg.to_dict(), out=str(tmp_path / "w")), prefetch=wrong)
+            m_right = train(cfg, prefetch=right)
+    finally:
+        wrong.close()
+        right.close()
+    assert "ignoring the prefetched data" in caplog.text
+    assert "decoded by a second process" in caplog.text
+    a = load_checkpoint(out / "last.pt")["state_dict"]
+    for m_other, run_dir in ((m_right, "p"), (m_wrong, "w")):
+        b = load_checkpoint(tmp_path / run_dir / "last.pt")["state_dict"]
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+        assert (m_other["val_auc"], m_other["n_train"], m_other["n_val"]) == (m["val_auc"], m["n_train"], m["n_val"])
+
+
+def test_cli_train_exits_fast_with_every_artefact_and_errors_exit_2(run, chest_xray, tmp_path):
+    """`python -m pneumoscope train` (prefetch + exit without interpreter teardown) writes the same run as train()."""
+    out, m = run
+    cli = tmp_path / "cli"
+    args = ["--data", str(chest_xray), "--out", str(cli), "--epochs", "1", "--model", "seed_cnn", "--image-size", "64",
+            "--limit", "160", "--batch-size", "16", "--threads", "2", "--seed", "3"]
+    r = subprocess.run([sys.executable, "-m", "pneumoscope", "train", *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "decoded by a second process" in r.stderr and "best val AUC" in r.stderr  # logs flushed before exit
+    for name in ("config.yaml", "history.csv", "history.json", "curves.png", "best.pt", "last.pt", "metrics.json"):
+        assert (cli / name).stat().st_size > 0, name
+    assert json.loads((cli / "metrics.json").read_text())["val_auc"] == m["val_auc"]
+    a, b = load_checkpoint(out / "last.pt")["state_dict"], load_checkpoint(cli / "last.pt")["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    (tmp_path / "empty").mkdir()
+    r = subprocess.run([sys.executable, "-m", "pneumoscope", "train", "--data", str(tmp_path / "empty"),
+                        "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert r.returncode == 2 and "empty" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_reuse_freed_memory_stops_page_faults_on_large_tensors():
     """With glibc's defaults a freed 64 MB tensor goes back to the system and its next allocation page-faults
     again (~16k faults), every time; after reuse_freed_memory() the memory is reused once the heap has grown to fit
