@@ -77,12 +77,13 @@ def _train(args: argparse.Namespace) -> int:
     from pneumoscope.data.prepare import Prefetch
 
     # split + decode start in a forked process now, while this one imports torch and builds the model
-    cfg = resolve(args.config, args.resume, validate=False, **_overrides(args))
+    overrides = _overrides(args)
+    cfg = resolve(args.config, args.resume, validate=False, **overrides)
     prefetch = Prefetch.start(cfg, cfg.image_size or DEFAULT_INPUT_SIZE.get(cfg.model))
     try:
         from pneumoscope.train import train
 
-        m = train(args.config, resume=args.resume, prefetch=prefetch, **_overrides(args))
+        m = train(args.config, resume=args.resume, prefetch=prefetch, **overrides)
     finally:
         if prefetch is not None:
             prefetch.close()
@@ -266,4 +267,3 @@ def run() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-

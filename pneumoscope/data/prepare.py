@@ -136,8 +136,7 @@ class Prefetch:
         """A running Prefetch, or None where it cannot help or run: size unknown, under torchrun (each rank
         prepares its own data in-process), no fork/memfd (not Linux), or PNEUMOSCOPE_PREFETCH=0 in the environment."""
         if (not size or os.environ.get("PNEUMOSCOPE_PREFETCH", "1") == "0" or int(os.environ.get("WORLD_SIZE", "1")) > 1
-                or not hasattr(os, "memfd_create")
-                or "fork" not in multiprocessing.get_all_start_methods() or not sys.platform.startswith("linux")):
+                or not sys.platform.startswith("linux") or not hasattr(os, "memfd_create")):
             return None
         return cls(cfg, size)
 
