@@ -1,6 +1,6 @@
 """Inference speed: single-image latency (JPEG on disk -> decode -> resize -> logits) and batch throughput,
-PyTorch eager (pneumoscope.predict.Predictor, fp32 and bf16) vs ONNX Runtime (pneumoscope.export.OnnxBackend, fp32
-and int8 from pneumoscope.export.quantize_onnx calibrated on 64 shared training images).
+PyTorch eager (pneumoscope.inference.predictor.Predictor, fp32 and bf16) vs ONNX Runtime (pneumoscope.inference.onnx.OnnxBackend, fp32
+and int8 from pneumoscope.inference.onnx.quantize_onnx calibrated on 64 shared training images).
 
 Models: seed_cnn at 150 px (random init) and efficientnet_lite0 at 224 px (the packaged ImageNet weights folded to
 one channel, so activations look like a real model's; speed does not depend on the weights otherwise).
@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumoscope.bench import describe, device_description
 from pneumoscope.data.images import load_uint8
-from pneumoscope.export import OnnxBackend, calibration_images, export_model, quantize_onnx
-from pneumoscope.models import create_model
-from pneumoscope.predict import Predictor
+from pneumoscope.inference.onnx import OnnxBackend, calibration_images, export_model, quantize_onnx
+from pneumoscope.inference.predictor import Predictor
+from pneumoscope.models.registry import create_model
+from pneumoscope.studies.bench import describe, device_description
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray"
 TARGET_P50_MS = {"seed_cnn": 5.0, "efficientnet_lite0": 15.0}

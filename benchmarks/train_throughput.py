@@ -1,8 +1,8 @@
 """Training throughput (images/s, steady state) and achieved GFLOP/s vs the measured matrix-product peak.
 
-The step is train.py's: uint8 batch -> float -> batched augmentation -> normalise -> forward -> loss -> backward ->
+The step is training/loop.py's: uint8 batch -> float -> batched augmentation -> normalise -> forward -> loss -> backward ->
 AdamW step, on real shared images decoded once. Variants: fp32 NCHW with PyTorch's pooling and glibc's malloc
-defaults (naive PyTorch), fp32 channels_last, bf16 autocast + channels_last (= train.py here), and the latter with
+defaults (naive PyTorch), fp32 channels_last, bf16 autocast + channels_last (= training/loop.py here), and the latter with
 either of its memory-side optimisations off (numba pooling, glibc keeping freed memory). FLOPs: the forward pass
 is counted with torch.utils.flop_counter.FlopCounterMode (convolutions and matrix products; element-wise ops are not counted) and forward + backward is taken as 3 x forward: the counter's
 own backward count is wrong for grouped (depthwise) convolutions (torch 2.13 counts EfficientNet-Lite0's
@@ -28,16 +28,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pneumoscope.augment import augment_batch
-from pneumoscope.bench import describe, device_description, matmul_gflops
 from pneumoscope.config import TrainConfig
-from pneumoscope.models import create_model
-from pneumoscope.pooling import set_fast_pooling
-from pneumoscope.train import normalize, reuse_freed_memory
+from pneumoscope.inference.runtime import normalize
+from pneumoscope.models.pooling import set_fast_pooling
+from pneumoscope.models.registry import create_model
+from pneumoscope.studies.bench import describe, device_description, matmul_gflops
+from pneumoscope.training.augment import augment_batch
+from pneumoscope.training.setup import reuse_freed_memory
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray"
 
-# name: (autocast dtype, channels_last, numba pooling, glibc keeps freed memory). "bf16+cl" is what train.py does
+# name: (autocast dtype, channels_last, numba pooling, glibc keeps freed memory). "bf16+cl" is what training/loop.py does
 # on this CPU; the last two switch one of its two memory-side optimisations off, in the same process.
 VARIANTS = {"fp32": (None, False, False, False), "fp32+cl": (None, True, True, True),
             "bf16+cl": (torch.bfloat16, True, True, True),
@@ -58,7 +59,7 @@ def real_images(data: Path, n: int, size: int, seed: int = 0) -> tuple[torch.Ten
 
 
 class Step:
-    """One training step of train.py, for one (model, variant)."""
+    """One training step of training/loop.py, for one (model, variant)."""
 
     def __init__(self, name: str, size: int, variant: str, x: torch.Tensor, y: torch.Tensor, batch: int) -> None:
         torch.manual_seed(0)

@@ -72,7 +72,7 @@ def keras_seed_cnn(size: int, augment: bool = False, rescale: bool = False):
 
 
 def torch_seed_cnn(size: int):
-    from pneumoscope.models import create_model
+    from pneumoscope.models.registry import create_model
 
     return create_model("seed_cnn", num_classes=1, image_size=size)
 
@@ -101,7 +101,7 @@ def mode_a(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from pneumoscope.train import reuse_freed_memory
+    from pneumoscope.training.setup import reuse_freed_memory
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -207,7 +207,8 @@ def mode_a(args) -> dict:
 # ------------------------------------------------------------------------------------------- mode B
 def split_folders(data: Path, root: Path, size: int) -> tuple[int, int]:
     """pneumoscope's patient-level train/val split of ``data`` as symlinked class folders under root/{train,val}."""
-    from pneumoscope.train import resolve, split_samples
+    from pneumoscope.config import resolve
+    from pneumoscope.data.splits import split_samples
 
     train_s, val_s, names, _ = split_samples(resolve(dict(data=str(data), model="seed_cnn", image_size=size)))
     for split, samples in (("train", train_s), ("val", val_s)):

@@ -1,4 +1,7 @@
-"""The training configuration: one dataclass, a YAML file whose keys mirror the CLI flags, loud validation."""
+"""The training configuration: one dataclass, a YAML file whose keys mirror the CLI flags, loud validation.
+
+Free of torch (the CLI resolves it before PyTorch is imported) and below every room that reads a run's config:
+training, the split re-made from a checkpoint (evaluation, trust), the studies."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,10 +11,7 @@ from pathlib import Path
 import yaml
 
 from pneumoscope.errors import ConfigError
-
-# Input size of each model in models.py's registry when image_size is not set. It lives here, free of torch, so
-# that `pneumoscope train` can start decoding at that size before PyTorch is imported (data/prepare.py).
-DEFAULT_INPUT_SIZE = {"seed_cnn": 150, "cnn_rnn": 224, "efficientnet_lite0": 224, "densenet121": 224, "resnet18": 224}
+from pneumoscope.models.names import list_models
 
 
 @dataclass
@@ -90,8 +90,6 @@ class TrainConfig:
             raise bad("patience", "must be at least 1")
         if self.limit < 0 or self.threads < 0 or self.workers < 0 or self.freeze_epochs < 0:
             raise ConfigError("config values limit, threads, workers and freeze_epochs must be >= 0")
-        from pneumoscope.models import list_models
-
         if self.model not in list_models():
             raise bad("model", f"unknown model; choose one of {', '.join(list_models())}")
         return self

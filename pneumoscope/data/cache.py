@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from pneumoscope.data.folders import file_digest
+from pneumoscope.data.digest import cached_digest
+from pneumoscope.data.images import load_uint8
 from pneumoscope.errors import ImageReadError
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def default_workers() -> int:
 def _cache_key(paths: list[Path], size: int) -> str:
     h = hashlib.sha1(f"v{CACHE_VERSION}:{size}:".encode())
     for p in paths:
-        h.update(file_digest(p).encode())
+        h.update(cached_digest(p).encode())
     return h.hexdigest()[:20]
 
 
@@ -57,7 +58,6 @@ def decode_all(
     ``cache_dir``: when given, the result is stored there as ``.npz`` keyed by the files' content and ``size``
     and re-used on the next call (no silent default: caching is off unless asked for).
     """
-    from pneumoscope.data.images import load_uint8
 
     paths = [Path(p) for p in paths]
     if size <= 0:

@@ -33,6 +33,11 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from pneumoscope.errors import DicomError, ImageTooLargeError
 
@@ -86,11 +91,6 @@ def read_dicom(
 
 
 def _read_dataset(source: str | Path | bytes, name: str):
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.errors import InvalidDicomError
-    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
     if isinstance(source, (bytes, bytearray)):
         if len(source) == 0:
             raise DicomError(f"{name}: empty file (0 bytes)")
@@ -118,7 +118,6 @@ def _read_dataset(source: str | Path | bytes, name: str):
 
 def _text(ds, keyword: str) -> str | None:
     """A tag's value as a stripped string, or None when missing/empty."""
-    from pydicom.multival import MultiValue
 
     value = ds.get(keyword)
     if value is None:

@@ -8,8 +8,6 @@ resumed with an HTTP Range request, the finished file is checked and only then r
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
 import http.client
 import logging
 import os
@@ -22,6 +20,9 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from tqdm import tqdm
+
+from pneumoscope.data.digest import file_digest
 from pneumoscope.errors import ConfigError, DatasetLayoutError, DownloadError
 
 log = logging.getLogger(__name__)
@@ -70,15 +71,6 @@ JUNK_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db"}
 
 
 # ---------------------------------------------------------------------------------------------- download
-def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
-    """Hex digest of a file, read in chunks."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_SIZE):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
     """'bytes 100-199/200' -> (100, 200); 'bytes */200' -> (None, 200); unknown parts are None."""
     if not value or not value.strip().lower().startswith("bytes"):
@@ -91,7 +83,6 @@ def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
 
 def _fetch_into(url: str, part: Path, *, timeout: float, progress: bool, expected_size: int | None) -> None:
     """One attempt: append the rest of ``url`` to ``part`` (or restart it). Raises OSError/HTTPException if cut."""
-    from tqdm import tqdm
 
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
@@ -316,11 +307,3 @@ def fetch_dataset(name: str, dest: str | Path, *, base_url: str | None = None, s
         if entry["extract"]:
             extract(path, dest)
     return _find_root(dest.resolve(), entry["root"]) if entry.get("root") else dest
-
-
-def cli_download(args: argparse.Namespace) -> int:
-    """`pneumoscope download NAME --dest DIR [--sha256 HEX]`; returns the exit code."""
-    root = fetch_dataset(args.name, args.dest, sha256=getattr(args, "sha256", None),
-                         files=getattr(args, "files", None))
-    log.info("%s is ready in %s", args.name, root)
-    return 0

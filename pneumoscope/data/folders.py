@@ -1,7 +1,6 @@
 """Folder layouts, the sample type, patient ids, patient-level splits and duplicate detection.
 
 Two layouts are understood (class folder names are case-insensitive):
-
     ROOT/NORMAL/*.jpeg, ROOT/PNEUMONIA/*.jpeg                    ("class" layout)
     ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg              ("split" layout, Kermany/Kaggle)
 
@@ -9,16 +8,18 @@ Label names and their order come from ``LABEL_SETS``, never from directory listi
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import pydicom  # lazy: only DICOM inputs pay for it
 
+from pneumoscope.data.digest import cached_digest
+from pneumoscope.data.images import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, is_dicom_path
+from pneumoscope.data.npz import materialize
 from pneumoscope.errors import DatasetLayoutError, DuplicateAcrossSplitsError
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ LABEL_SETS: dict[str, tuple[str, ...]] = {
 }
 CLASS_FOLDERS = ("NORMAL", "PNEUMONIA")
 SPLITS = ("train", "val", "test")
-FILE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".dcm", ".dicom")
+FILE_EXTENSIONS = IMAGE_EXTENSIONS + DICOM_EXTENSIONS
 IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 
 _PERSON = re.compile(r"^(person\d+)_", re.IGNORECASE)
@@ -39,14 +40,13 @@ _IM = re.compile(r"^((?:NORMAL2-)?IM-\d+)-", re.IGNORECASE)
 
 @dataclass
 class Sample:
-    """One image: where it is, what it is, whose it is. ``image`` is float32 HxW in [0, 1] once loaded."""
+    """One image: where it is, what it is, whose it is (pixels are decoded separately: ``cache.decode_all``)."""
 
     path: Path
     label: int | None
     patient_id: str
     split: str | None = None
     meta: dict = field(default_factory=dict)
-    image: np.ndarray | None = None
 
 
 @dataclass
@@ -67,9 +67,6 @@ class Dataset:
         if not out:
             raise DatasetLayoutError(f"{self.root}: no '{name}' split (found: {', '.join(self.splits) or 'none'})")
         return out
-
-    def labels(self, samples: list[Sample] | None = None) -> np.ndarray:
-        return np.array([s.label for s in (self.samples if samples is None else samples)], dtype=np.int64)
 
 
 def patient_id_from_name(name: str) -> str:
@@ -123,7 +120,6 @@ def _class_dirs(folder: Path) -> dict[str, Path] | None:
 
 
 def _dicom_patient(path: Path) -> tuple[str | None, dict]:
-    import pydicom  # lazy: only DICOM inputs pay for it
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
@@ -160,7 +156,7 @@ def _scan_class_folder(folder: Path, split: str | None, labels: str, skipped: li
                 continue
             meta: dict = {}
             pid = None
-            if p.suffix.lower() in (".dcm", ".dicom"):
+            if is_dicom_path(p):
                 pid, meta = _dicom_patient(p)
             label = binary if labels == "binary" else ternary_label(p, binary)
             out.append(Sample(path=p, label=label, patient_id=pid or patient_id_from_name(p.name), split=split, meta=meta))
@@ -170,10 +166,15 @@ def _scan_class_folder(folder: Path, split: str | None, labels: str, skipped: li
 
 
 def scan(root: str | Path, labels: str = "binary") -> Dataset:
-    """Index a data folder in either layout. Files are not decoded here (see ``pneumoscope.data.cache``)."""
+    """Index a data folder in either layout (or a MedMNIST ``.npz`` file, materialised as such a folder by
+    ``npz.materialize``). Files are not decoded here (see ``pneumoscope.data.cache``)."""
     root = Path(root)
     if labels not in LABEL_SETS:
         raise DatasetLayoutError(f"unknown label set '{labels}'; choose one of {list(LABEL_SETS)}")
+    if root.suffix.lower() == ".npz":
+        if labels != "binary":
+            raise DatasetLayoutError(f"{root}: a MedMNIST file has binary labels only; use --labels binary")
+        root = materialize(root)
     if not root.is_dir():
         raise DatasetLayoutError(f"{root}: not a folder. Point --data at a folder with NORMAL/ and PNEUMONIA/, or train/ val/ test/")
     skipped: list[tuple[Path, str]] = []
@@ -190,26 +191,11 @@ def scan(root: str | Path, labels: str = "binary") -> Dataset:
     return Dataset(root=root, label_names=LABEL_SETS[labels], samples=samples, skipped=skipped)
 
 
-@lru_cache(maxsize=65536)
-def _digest(path: Path, mtime_ns: int, size: int) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    """SHA-1 of a file's bytes (cached per path, size and mtime)."""
-    st = Path(path).stat()
-    return _digest(Path(path), st.st_mtime_ns, st.st_size)
-
-
 def find_duplicates(samples: list[Sample]) -> list[list[Sample]]:
     """Groups (of 2 or more) of byte-identical files, sorted by first path."""
     by_hash: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
-        by_hash[file_digest(s.path)].append(s)
+        by_hash[cached_digest(s.path)].append(s)
     return sorted((g for g in by_hash.values() if len(g) > 1), key=lambda g: str(g[0].path))
 
 
@@ -273,3 +259,16 @@ def split_by_patient(samples: list[Sample], val_fraction: float, seed: int = 0) 
     val = [samples[i] for pid, idx in groups.items() if pid in val_pids for i in idx]
     key = lambda s: str(s.path)  # noqa: E731
     return sorted(train, key=key), sorted(val, key=key)
+
+
+def expand_paths(inputs: list[str | Path]) -> list[Path]:
+    """Files as given; folders expanded recursively to their image/DICOM files (sorted, hidden files skipped)."""
+    out: list[Path] = []
+    for i in inputs:
+        p = Path(i)
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in FILE_EXTENSIONS
+                          and not f.name.startswith("."))
+        else:
+            out.append(p)
+    return out

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pneumoscope.data.dicom import read_dicom
 from pneumoscope.errors import ImageReadError, ImageTooLargeError, IntensityRangeError
 
 log = logging.getLogger(__name__)
@@ -34,10 +36,14 @@ _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError
 PIL_ERRORS = _PIL_ERRORS  # what Pillow raises on corrupt or truncated files (public, for callers that open files)
 
 
+def is_dicom_path(path: str | Path) -> bool:
+    """True when ``path`` has a DICOM extension (.dcm, .dicom); the name only, the file is not opened."""
+    return Path(path).suffix.lower() in DICOM_EXTENSIONS
+
+
 def is_dicom_file(path: str | Path) -> bool:
     """True when ``path`` has a DICOM extension or the 'DICM' magic at byte 128."""
-    path = Path(path)
-    if path.suffix.lower() in DICOM_EXTENSIONS:
+    if is_dicom_path(path):
         return True
     try:
         with open(path, "rb") as f:
@@ -88,8 +94,6 @@ def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[np
     """
     path = Path(path)
     if is_dicom_file(path):
-        from pneumoscope.data.dicom import read_dicom
-
         return read_dicom(path, max_pixels=max_pixels)
     with open(path, "rb") as f:  # a missing file raises FileNotFoundError, not ImageReadError
         return _read_pil(f, str(path), max_pixels)
@@ -97,16 +101,13 @@ def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[np
 
 def read_image_bytes(data: bytes, name: str = "upload", max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[np.ndarray, dict]:
     """``read_image`` from memory (no filesystem access); ``name`` is used in messages and to spot ``.dcm``."""
-    if Path(name).suffix.lower() in DICOM_EXTENSIONS or _has_dicom_magic(data[:132]):
-        from pneumoscope.data.dicom import read_dicom
-
+    if is_dicom_path(name) or _has_dicom_magic(data[:132]):
         return read_dicom(bytes(data), name=name, max_pixels=max_pixels)
     return _read_pil(io.BytesIO(data), name, max_pixels)
 
 
 def _open_pil(fp: BinaryIO, name: str, max_pixels: int):
     """Open (headers only) a JPEG or PNG and refuse it when it has too many pixels."""
-    from PIL import Image, UnidentifiedImageError
 
     fp.seek(0, io.SEEK_END)
     if fp.tell() == 0:
@@ -137,7 +138,6 @@ def _open_pil(fp: BinaryIO, name: str, max_pixels: int):
 
 
 def _read_pil(fp: BinaryIO, name: str, max_pixels: int) -> tuple[np.ndarray, dict]:
-    from PIL import ImageOps
 
     src = _open_pil(fp, name, max_pixels)
     fmt = "PNG" if src.format == "PNG" else "JPEG"  # Pillow calls some camera JPEGs "MPO"
@@ -180,7 +180,6 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
 
 def resize_uint8(arr_u8: np.ndarray, size: int) -> np.ndarray:
     """Resize a uint8 HxW image to ``size``x``size`` (aspect not kept) with Pillow bilinear resampling."""
-    from PIL import Image
 
     if arr_u8.shape == (size, size):
         return np.ascontiguousarray(arr_u8, dtype=np.uint8)
@@ -213,7 +212,6 @@ def load_uint8(path: str | Path, size: int, max_pixels: int = MAX_IMAGE_PIXELS) 
 
 def load_jpeg_bytes_uint8(data: bytes, name: str, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray | None:
     """``load_uint8``'s JPEG path on bytes (e.g. an upload): the same pixels as from the file; None if not a JPEG."""
-    import io
 
     im = _open_pil(io.BytesIO(data), name, max_pixels)
     if im.format in ("JPEG", "MPO"):
@@ -223,7 +221,6 @@ def load_jpeg_bytes_uint8(data: bytes, name: str, size: int, max_pixels: int = M
 
 
 def _load_jpeg_uint8(src, name: str, size: int) -> np.ndarray:
-    from PIL import Image, ImageOps
 
     try:
         src.draft("L", (2 * size, 2 * size))

@@ -2,15 +2,21 @@
 
 Each file holds ``{split}_images`` (uint8, N x H x W, or N x H x W x 3) and ``{split}_labels`` (N x 1 or N)
 for the splits train, val and test. Images come back as uint8 (N, H, W), labels as int64 (N,) in {0, 1}.
+
+``materialize(file.npz)`` writes the images once as PNG files in the split layout (``train|val|test/NORMAL|PNEUMONIA``)
+under a content-keyed cache folder, so ``--data file.npz`` works wherever a data folder does (``folders.scan``).
 """
 from __future__ import annotations
 
 import logging
+import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from pneumoscope.data.digest import file_digest
 from pneumoscope.errors import DatasetLayoutError
 
 log = logging.getLogger(__name__)
@@ -104,4 +110,30 @@ def load_medmnist_arrays(path: str | Path) -> dict[str, tuple[np.ndarray, np.nda
             )
         out = {s: _read_split(data, path, s) for s in present}
     log.debug("%s: %s", path, {s: a[0].shape for s, a in out.items()})
+    return out
+
+
+def cache_root() -> Path:
+    """Where materialised .npz files go: ``$PNEUMOSCOPE_CACHE/npz`` or ``~/.cache/pneumoscope/npz``."""
+    return Path(os.environ.get("PNEUMOSCOPE_CACHE") or Path.home() / ".cache" / "pneumoscope") / "npz"
+
+
+def materialize(path: str | Path, dest: str | Path | None = None) -> Path:
+    """The folder holding ``path``'s images as PNG files in the split layout, written on first use.
+
+    The folder is named by the file's SHA-256 (a changed file gets a new folder) and is complete once its
+    ``.complete`` marker exists (an interrupted run writes it again). File names ``mnist_<split>_<index>.png``.
+    """
+    path = Path(path)
+    arrays = load_medmnist_arrays(path)
+    out = Path(dest) if dest else cache_root() / f"{path.stem}-{file_digest(path)[:16]}"
+    if (out / ".complete").exists():
+        return out
+    for split, (images, labels) in arrays.items():
+        for name in MEDMNIST_LABELS:
+            (out / split / name).mkdir(parents=True, exist_ok=True)
+        for i, (img, y) in enumerate(zip(images, labels)):
+            Image.fromarray(img, mode="L").save(out / split / MEDMNIST_LABELS[y] / f"mnist_{split}_{i:05d}.png")
+    (out / ".complete").write_text(str(path))
+    log.info("%s: %s images written as PNG under %s", path, sum(len(v[1]) for v in arrays.values()), out)
     return out

@@ -4,18 +4,19 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import pydicom
+from PIL import Image, UnidentifiedImageError
+from pydicom.errors import InvalidDicomError
+
 from pneumoscope.data.cache import decode_all
 from pneumoscope.data.folders import Dataset, find_duplicates, scan
+from pneumoscope.data.images import is_dicom_path
 
 
-def _image_size(path: Path) -> tuple[int, int] | None:
+def image_size(path: Path) -> tuple[int, int] | None:
     """(height, width) from the file header only; None when the header cannot be read."""
-    from PIL import Image, UnidentifiedImageError
 
-    if path.suffix.lower() in (".dcm", ".dicom"):
-        import pydicom
-        from pydicom.errors import InvalidDicomError
-
+    if is_dicom_path(path):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
             return int(ds.Rows), int(ds.Columns)
@@ -40,7 +41,7 @@ def summarize(root: str | Path, labels: str = "binary", progress: bool = True) -
         per_class = {}
         for li, name in enumerate(ds.label_names):
             members = [s for s in ds.samples if s.split == split and s.label == li]
-            sizes = Counter(_image_size(s.path) for s in members if s.path not in bad)
+            sizes = Counter(image_size(s.path) for s in members if s.path not in bad)
             sizes.pop(None, None)
             hs = [h for (h, w) in sizes.elements()]
             ws = [w for (h, w) in sizes.elements()]

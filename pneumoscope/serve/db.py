@@ -18,8 +18,9 @@ import re
 import sqlite3
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib.resources import files
 from pathlib import Path
 
 from pneumoscope.errors import ConfigError
@@ -27,6 +28,50 @@ from pneumoscope.errors import ConfigError
 log = logging.getLogger(__name__)
 
 TABLES = ("patients", "studies", "predictions", "reviews")
+
+
+@dataclass
+class StudyRecord:
+    """The image a study row stores (found again by ``sha256``). ``patient_id`` / ``study_uid`` are already
+    pseudonymised by the caller when the service does that."""
+
+    sha256: str
+    format: str
+    width: int
+    height: int
+    image_png: bytes
+    warnings: list[str] = field(default_factory=list)
+    patient_id: str | None = None
+    study_uid: str | None = None
+    modality: str | None = None
+    manufacturer: str | None = None
+    device_model: str | None = None
+
+
+@dataclass
+class PredictionRecord:
+    """One image of a request: its study and its new prediction row."""
+
+    study: StudyRecord
+    probability: float
+    calibrated_probability: float | None
+    threshold: float
+    label: str
+    latency_ms: float
+    heatmap_png: bytes | None = None
+
+
+@dataclass
+class ModelRecord:
+    """The model a prediction came from."""
+
+    name: str
+    checksum: str
+    version: str | None = None
+    threshold_info: dict | None = None
+    pseudonymized: bool = False
+
+
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
@@ -36,7 +81,6 @@ def now() -> str:
 
 def migrations() -> list[tuple[int, str, str]]:
     """(version, file name, SQL) of every ``migrations/NNNN_name.sql``, in version order."""
-    from importlib.resources import files
 
     out = []
     for f in files("pneumoscope.serve").joinpath("migrations").iterdir():
@@ -110,8 +154,8 @@ class _Transaction:
 @dataclass
 class _Write:
     """One request's rows, waiting for the next group commit."""
-    entries: list[dict]
-    model: dict
+    entries: list[PredictionRecord]
+    model: ModelRecord
     result: list[dict] | None = None
     error: BaseException | None = None
     done: bool = False
@@ -163,14 +207,9 @@ class StudyDB:
         self._local = threading.local()
 
     # ------------------------------------------------------------------------------------------- writes
-    def add_predictions(self, entries: list[dict], model: dict) -> list[dict]:
+    def add_predictions(self, entries: list[PredictionRecord], model: ModelRecord) -> list[dict]:
         """Record one request: per entry its patient, its study (found again by the file's sha256) and always a
         new prediction row. Returns once they are committed, per entry ``{study_id, prediction_id, duplicate}``.
-
-        entry: ``sha256, format, width, height, image_png, warnings, patient_id, study_uid, modality,
-        manufacturer, device_model, probability, calibrated_probability, threshold, label, latency_ms,
-        heatmap_png`` (patient_id/study_uid already pseudonymised by the caller when needed).
-        model: ``name, version, checksum, threshold_info``; ``pseudonymized`` (bool).
 
         Group commit: whoever gets the writer lock commits every request waiting at that moment in one
         transaction (one fsync for all); the others find theirs done. When that transaction fails, each request
@@ -203,35 +242,34 @@ class StudyDB:
             j.result, j.done = r, True
 
     @staticmethod
-    def _insert(c: sqlite3.Connection, entries: list[dict], model: dict) -> list[dict]:
+    def _insert(c: sqlite3.Connection, entries: list[PredictionRecord], model: ModelRecord) -> list[dict]:
         out = []
         t = now()
         for e in entries:
-            if e.get("patient_id"):
+            st = e.study
+            if st.patient_id:
                 c.execute("INSERT INTO patients (id, pseudonymized, created) VALUES (?, ?, ?) "
-                          "ON CONFLICT(id) DO NOTHING", (e["patient_id"], int(model.get("pseudonymized", False)), t))
-            row = c.execute("SELECT id FROM studies WHERE sha256 = ?", (e["sha256"],)).fetchone()
+                          "ON CONFLICT(id) DO NOTHING", (st.patient_id, int(model.pseudonymized), t))
+            row = c.execute("SELECT id FROM studies WHERE sha256 = ?", (st.sha256,)).fetchone()
             duplicate = row is not None
             if duplicate:
                 study_id = row["id"]
             else:
-                study_id = e.get("study_uid")
+                study_id = st.study_uid
                 # several images of one DICOM study share its UID: the second one gets a uuid
                 if not study_id or c.execute("SELECT 1 FROM studies WHERE id = ?", (study_id,)).fetchone():
                     study_id = uuid.uuid4().hex
                 c.execute(
                     "INSERT INTO studies (id, patient_id, received, sha256, format, modality, manufacturer, "
                     "device_model, width, height, warnings, image_png) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (study_id, e.get("patient_id"), t, e["sha256"], e["format"], e.get("modality"),
-                     e.get("manufacturer"), e.get("device_model"), e["width"], e["height"],
-                     json.dumps(e.get("warnings", [])), e["image_png"]))
+                    (study_id, st.patient_id, t, st.sha256, st.format, st.modality, st.manufacturer, st.device_model,
+                     st.width, st.height, json.dumps(st.warnings), st.image_png))
             cur = c.execute(
                 "INSERT INTO predictions (study_id, model_name, model_version, model_checksum, probability, "
                 "calibrated_probability, threshold, threshold_info, label, latency_ms, created, heatmap_png) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (study_id, model["name"], model.get("version"), model["checksum"], e["probability"],
-                 e.get("calibrated_probability"), e["threshold"], json.dumps(model.get("threshold_info")),
-                 e["label"], e["latency_ms"], t, e.get("heatmap_png")))
+                (study_id, model.name, model.version, model.checksum, e.probability, e.calibrated_probability,
+                 e.threshold, json.dumps(model.threshold_info), e.label, e.latency_ms, t, e.heatmap_png))
             out.append({"study_id": study_id, "prediction_id": cur.lastrowid, "duplicate": duplicate})
         return out
 

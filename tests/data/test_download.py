@@ -1,7 +1,6 @@
 """Downloader tests against a local HTTP server on 127.0.0.1 (no other network)."""
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import logging
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pneumoscope.cli import main
 from pneumoscope.data import download as dl
 from pneumoscope.errors import ConfigError, DownloadError
 
@@ -325,7 +325,6 @@ def test_cli_download(server, tmp_path, monkeypatch):
     entry = dict(dl.SOURCES["kermany"])
     entry["files"] = [dict(entry["files"][0], url=_url(server))]
     monkeypatch.setitem(dl.SOURCES, "kermany", entry)
-    args = argparse.Namespace(name="kermany", dest=str(tmp_path), sha256=SHA256)
-    assert dl.cli_download(args) == 0
+    assert main(["download", "kermany", "--dest", str(tmp_path), "--sha256", SHA256]) == 0
     assert (tmp_path / "chest_xray" / "test" / "PNEUMONIA" / "person2_virus_3.jpeg").read_bytes() == \
         FILES["chest_xray/test/PNEUMONIA/person2_virus_3.jpeg"]

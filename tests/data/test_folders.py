@@ -63,7 +63,7 @@ def test_patient_split_disjoint_stratified_reproducible(shared):
     assert len(train) + len(val) == len(shared.samples)
     assert not {s.patient_id for s in train} & {s.patient_id for s in val}
     # no byte-identical image on both sides either
-    from pneumoscope.data.folders import file_digest
+    from pneumoscope.data.digest import file_digest
     assert not {file_digest(s.path) for s in train} & {file_digest(s.path) for s in val}
     frac_pos = np.mean([s.label for s in val])
     assert abs(frac_pos - 3875 / 5216) < 0.05

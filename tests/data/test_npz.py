@@ -152,3 +152,47 @@ def test_missing_file_and_bad_split(tmp_path):
         read_medmnist(tmp_path / "nope.npz", "train")
     with pytest.raises(ValueError, match="split must be one of"):
         read_medmnist(tmp_path / "nope.npz", "validation")
+
+
+def _real_npz(chest_xray, tmp_path, size: int = 64, per_class: dict | None = None):
+    """A PneumoniaMNIST-like file made from real training images (downscaled like MedMNIST)."""
+    from PIL import Image
+
+    per_class = per_class or {"train": 24, "val": 60, "test": 4}
+    arrays, start = {}, 0
+    for split, n in per_class.items():
+        imgs, labels = [], []
+        for y, cls in enumerate(MEDMNIST_LABELS):
+            for f in sorted((chest_xray / "train" / cls).glob("*.jpeg"))[start:start + n]:
+                with Image.open(f) as im:
+                    imgs.append(np.asarray(im.convert("L").resize((size, size), Image.Resampling.BOX)))
+                labels.append(y)
+        start += n
+        arrays[f"{split}_images"] = np.stack(imgs)
+        arrays[f"{split}_labels"] = np.array(labels, dtype=np.uint8)[:, None]
+    return _save(tmp_path, "pneumoniamnist_64.npz", arrays), arrays
+
+
+def test_npz_file_is_a_data_folder_for_summary_and_train(chest_xray, tmp_path, monkeypatch):
+    from pneumoscope.cli import main
+    from pneumoscope.data.folders import scan
+    from pneumoscope.data.npz import materialize
+    from pneumoscope.training.loop import train
+
+    monkeypatch.setenv("PNEUMOSCOPE_CACHE", str(tmp_path / "cache"))
+    path, arrays = _real_npz(chest_xray, tmp_path)
+    ds = scan(path)
+    assert ds.splits == ["train", "val", "test"]
+    assert sum(s.label == 1 for s in ds.split("val")) == 60 and len(ds.split("test")) == 8
+    root = materialize(path)
+    assert (root / ".complete").exists() and materialize(path) == root  # written once, then reused
+    first = sorted((root / "train" / "PNEUMONIA").glob("*.png"))[0]
+    from PIL import Image
+
+    with Image.open(first) as im:  # pixels kept exactly (lossless PNG)
+        assert np.array_equal(np.asarray(im), arrays["train_images"][24])
+    assert main(["data", "summary", "--data", str(path), "--json"]) == 0
+    m = train(dict(data=str(path), model="seed_cnn", image_size=64, epochs=1, batch_size=16, threads=2,
+                   progress=False, out=str(tmp_path / "run")))
+    assert m["n_train"] == 48 and m["n_val"] == 120 and "val/ split" in m["validation"]
+    assert (tmp_path / "run" / "best.pt").is_file()

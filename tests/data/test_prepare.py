@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from pneumoscope.config import resolve
-from pneumoscope.data.prepare import Prefetch, decode_samples, split_samples
+from pneumoscope.data.prefetch import Prefetch
+from pneumoscope.data.splits import decode_samples, split_samples
 from pneumoscope.errors import DatasetLayoutError
 
 

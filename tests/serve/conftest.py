@@ -24,7 +24,7 @@ def checkpoint(tiny_checkpoint: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def predictor(checkpoint: Path):
-    from pneumoscope.predict import load
+    from pneumoscope.inference.loader import load
 
     return load(checkpoint, device="cpu")
 

@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from pneumoscope.serve.app import MAX_FILES, ModelWorker
-from pneumoscope.study_report import REPORT_SCHEMA
-from tests.test_study_report import validate
+from pneumoscope.serve.study_report import REPORT_SCHEMA
+from tests.serve.test_study_report import validate
 
 KEY = "test-key-0123456789"
 H = {"X-API-Key": KEY}

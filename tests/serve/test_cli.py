@@ -5,16 +5,12 @@ import argparse
 
 import pytest
 
+from pneumoscope.cli import build_parser
 from pneumoscope.errors import CheckpointError, ConfigError
-from pneumoscope.serve import register, register_db
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="pneumoscope")
-    sub = p.add_subparsers(dest="command", required=True)
-    register(sub)
-    register_db(sub)
-    return p.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def test_serve_defaults():

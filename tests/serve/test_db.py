@@ -1,27 +1,38 @@
 """The study database: migrations, duplicates, reviews, listing, thread safety, CSV export."""
 from __future__ import annotations
 
-import argparse
 import csv
 import sqlite3
 import threading
 
 import pytest
 
+from pneumoscope.cli import build_parser
 from pneumoscope.errors import ConfigError
-from pneumoscope.serve import register_db
-from pneumoscope.serve.db import StudyDB, connect, export_csv, migrate, migrations
+from pneumoscope.serve.db import (
+    ModelRecord,
+    PredictionRecord,
+    StudyDB,
+    StudyRecord,
+    connect,
+    export_csv,
+    migrate,
+    migrations,
+)
 
-MODEL = {"name": "seed_cnn", "version": "0.1.0", "checksum": "sha256:" + "0" * 64,
-         "threshold_info": {"method": "youden", "threshold": 0.7}}
+MODEL = ModelRecord(name="seed_cnn", version="0.1.0", checksum="sha256:" + "0" * 64,
+                    threshold_info={"method": "youden", "threshold": 0.7})
 
 
-def entry(sha: str, **kw) -> dict:
+def entry(sha: str, **kw) -> PredictionRecord:
     e = {"sha256": sha, "format": "DICOM", "width": 20, "height": 10, "image_png": b"\x89PNG-fake", "warnings": ["w"],
          "patient_id": "P1", "study_uid": "1.2.3", "modality": "DX", "manufacturer": None, "device_model": None,
          "probability": 0.4, "calibrated_probability": 0.6, "threshold": 0.7, "label": "NORMAL", "latency_ms": 12.0,
          "heatmap_png": None}
-    return {**e, **kw}
+    e.update(kw)
+    pred = {k: e.pop(k) for k in ("probability", "calibrated_probability", "threshold", "label", "latency_ms",
+                                  "heatmap_png")}
+    return PredictionRecord(study=StudyRecord(**e), **pred)
 
 
 def test_migrations_set_user_version_and_are_idempotent(tmp_path):
@@ -67,7 +78,7 @@ def test_duplicate_file_is_one_study_with_every_prediction(tmp_path):
     assert db.counts() == {"patients": 1, "studies": 1, "predictions": 2, "reviews": 0}
     latest = db.latest_prediction("1.2.3")
     assert latest["id"] == again["prediction_id"] and latest["probability"] == 0.9
-    assert latest["threshold_info"] == MODEL["threshold_info"] and latest["has_heatmap"] == 0
+    assert latest["threshold_info"] == MODEL.threshold_info and latest["has_heatmap"] == 0
     # another image of the same DICOM study (same StudyInstanceUID, other bytes) gets its own id
     other = db.add_predictions([entry("b" * 64)], MODEL)[0]
     assert other["study_id"] != "1.2.3" and len(other["study_id"]) == 32
@@ -120,9 +131,7 @@ def test_export_csv_one_file_per_table(tmp_path):
     db.add_review(sid, "Dr, \"Quote\"", "agree", "line1\nline2")
     db.close()
     # through the `db export` sub-command as cli.py wires it
-    p = argparse.ArgumentParser()
-    register_db(p.add_subparsers(dest="command"))
-    args = p.parse_args(["db", "export", "--db", str(tmp_path / "s.db"), "--format", "csv", "--out", str(tmp_path / "csv")])
+    args = build_parser().parse_args(["db", "export", "--db", str(tmp_path / "s.db"), "--format", "csv", "--out", str(tmp_path / "csv")])
     assert args.func(args) == 0
     out = {f.stem: list(csv.DictReader(open(f, newline=""))) for f in (tmp_path / "csv").glob("*.csv")}
     assert set(out) == {"patients", "studies", "predictions", "reviews"}

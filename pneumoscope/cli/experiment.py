@@ -1,0 +1,69 @@
+"""``pneumoscope experiment image-size|shift``: the study's image-size experiment and the acquisition-shift study."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger("pneumoscope")
+
+
+def _image_size(args: argparse.Namespace) -> int:
+    from pneumoscope.config import load_config
+    from pneumoscope.studies.image_size import image_size_experiment
+
+    base = load_config(args.config).to_dict() if args.config else {}
+    flags = {"data": args.data, "model": args.model, "epochs": args.epochs, "limit": args.limit, "seed": args.seed,
+             "batch_size": args.batch_size, "threads": args.threads, "cache_dir": args.cache_dir,
+             "device": args.device}
+    base.update({k: v for k, v in flags.items() if v is not None})
+    base.setdefault("model", "seed_cnn")
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    rows = image_size_experiment(base, sizes, args.out)
+    for r in rows:
+        log.info("%4d px: val loss %.4f (best) %.4f (last), val AUC %.4f, %.1f s/epoch", r["image_size"],
+                 r["val_loss_best"] or float("nan"), r["val_loss_last"] or float("nan"), r["val_auc"] or float("nan"),
+                 r["seconds_per_epoch"] or float("nan"))
+    log.info("table in %s", Path(args.out) / "image_size.md")
+    return 0
+
+
+def _shift(args: argparse.Namespace) -> int:
+    from pneumoscope.trust.shift import shift_study
+
+    shifts = [s for s in args.shifts.split(",") if s.strip()] if args.shifts else None
+    shift_study(args.checkpoint, args.data, args.out, split=args.split, shifts=shifts, limit=args.limit,
+                device=args.device)
+    log.info("table in %s", Path(args.out) / "shift.md")
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``pneumoscope experiment image-size ...`` and ``pneumoscope experiment shift ...``."""
+    p = sub.add_parser("experiment", help="image-size study, acquisition-shift study")
+    ex = p.add_subparsers(dest="experiment_command", required=True, metavar="EXPERIMENT")
+
+    s = ex.add_parser("image-size", help="train the same model at several input sizes and tabulate validation results")
+    s.add_argument("--data", required=True, help="folder with NORMAL/ PNEUMONIA/ or train/ val/ test/")
+    s.add_argument("--sizes", default="64,128,150,224,320", help="comma-separated sizes in px (default 64,128,150,224,320)")
+    s.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the config's, 10)")
+    s.add_argument("--model", default=None, help="model name (default seed_cnn)")
+    s.add_argument("--out", default="runs/image-size", help="output folder (default runs/image-size)")
+    s.add_argument("--limit", type=int, default=None, help="at most N training and N validation images")
+    s.add_argument("--config", help="YAML training config for everything else")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--cache-dir", dest="cache_dir", default=None)
+    s.add_argument("--device", default=None)
+    s.set_defaults(func=_image_size)
+
+    s = ex.add_parser("shift", help="evaluate a checkpoint under controlled acquisition shifts (blur, noise, ...)")
+    s.add_argument("--checkpoint", required=True, help="best.pt of a run")
+    s.add_argument("--data", required=True, help="the training data folder (its validation split is re-made)")
+    s.add_argument("--out", default="runs/shift", help="output folder (default runs/shift)")
+    s.add_argument("--split", default=None, help="evaluate this split instead (e.g. test; 'all' for a folder without splits)")
+    s.add_argument("--shifts", default=None, help="comma-separated subset of the shifts (default: all)")
+    s.add_argument("--limit", type=int, default=0, help="at most N images (stratified; default all)")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=_shift)

@@ -1,0 +1,69 @@
+"""``pneumoscope serve`` (the clinic service: serve/app.py) and ``pneumoscope db export`` (serve/db.py)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from pneumoscope.errors import ConfigError
+
+log = logging.getLogger("pneumoscope")
+
+API_KEY_ENV = "PNEUMOSCOPE_API_KEY"
+SALT_ENV = "PNEUMOSCOPE_PSEUDONYM_SALT"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pneumoscope.serve.app import create_app
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    salt = None
+    if args.pseudonymize:
+        salt = os.environ.get(SALT_ENV, "")
+        if len(salt) < 16:
+            raise ConfigError(f"--pseudonymize needs a secret salt of at least 16 characters in ${SALT_ENV} "
+                              "(keep it: the same salt maps the same patient to the same pseudonym)")
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without an API key: anyone on the network can read the studies; "
+                    "set $%s", args.host, API_KEY_ENV)
+    app = create_app(args.checkpoint, args.db, api_key=api_key, pseudonymize_salt=salt,
+                     max_upload_bytes=int(args.max_upload_mb * 2**20), device=args.device)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", limit_concurrency=args.max_connections)
+    return 0
+
+
+def register(sub) -> None:
+    s = sub.add_parser("serve", help="the clinic web service and viewer (FastAPI + uvicorn)")
+    s.add_argument("--checkpoint", help="best.pt of a run (default: the bundled model)")
+    s.add_argument("--db", default="pneumoscope-studies.db", help="SQLite study database (created when missing)")
+    s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help=f"require this X-API-Key header (default ${API_KEY_ENV}; prefer the variable, "
+                                     "a flag is visible in the process list)")
+    s.add_argument("--pseudonymize", action="store_true",
+                   help=f"store a keyed SHA-256 of DICOM PatientID and StudyInstanceUID (secret salt in ${SALT_ENV})")
+    s.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit in MiB (default 20)")
+    s.add_argument("--max-connections", type=int, default=100, help="answer 503 beyond this many (default 100)")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=_serve)
+    _register_db(sub)
+
+
+def _db_export(args: argparse.Namespace) -> int:
+    from pneumoscope.serve.db import export_csv
+
+    for p in export_csv(args.db, args.out):
+        log.info("wrote %s", p)
+    return 0
+
+
+def _register_db(sub) -> None:
+    db = sub.add_parser("db", help="the study database of `pneumoscope serve`")
+    actions = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    s = actions.add_parser("export", help="one CSV file per table (images are left in the database)")
+    s.add_argument("--db", required=True, help="the --db of `pneumoscope serve`")
+    s.add_argument("--format", default="csv", choices=["csv"])
+    s.add_argument("--out", required=True, help="folder for patients.csv, studies.csv, predictions.csv, reviews.csv")
+    s.set_defaults(func=_db_export)

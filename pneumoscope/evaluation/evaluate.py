@@ -1,0 +1,95 @@
+"""Evaluation of a checkpoint on a labelled folder: metrics with bootstrap CIs, curves, calibration, report."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from pneumoscope.config import resolve
+from pneumoscope.data.cache import decode_all
+from pneumoscope.data.folders import scan
+from pneumoscope.data.metadata import group_labels
+from pneumoscope.data.splits import split_samples
+from pneumoscope.errors import CheckpointError, DatasetLayoutError
+from pneumoscope.evaluation.report import write_evaluation
+from pneumoscope.inference.loader import load
+from pneumoscope.inference.runtime import pneumonia_score, softmax
+from pneumoscope.models.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def select_split(root: str | Path, split: str | None, labels: str):
+    ds = scan(root, labels=labels)
+    if ds.splits:
+        if split is None:
+            if len(ds.splits) > 1:
+                raise DatasetLayoutError(f"{root} has splits {ds.splits}: choose one with --split (e.g. --split test)")
+            split = ds.splits[0]
+        return ds, ds.split(split)
+    if split is not None:
+        raise DatasetLayoutError(f"{root} has no split folders; drop --split {split}")
+    return ds, ds.samples
+
+
+def evaluation_samples(ckpt: dict, data_dir: str | Path, split: str | None = None):
+    """Samples to evaluate and how they were chosen.
+
+    ``split=None``: the checkpoint's own validation split, re-made from its stored config (data folder replaced
+    by ``data_dir``; ``limit`` ignored), exactly as training made it (``data.splits.split_samples``): never a training image.
+    ``split="test"`` (or any split name, or ``"all"`` for a folder without splits): those images.
+    """
+
+    labels = "binary" if len(ckpt["label_names"]) == 2 else "ternary"
+    if split is not None:
+        _, samples = select_split(data_dir, None if split == "all" else split, labels)
+        return samples, f"{split} images of {data_dir}"
+    cfg = ckpt.get("config")
+    if not cfg:
+
+        raise CheckpointError("the checkpoint stores no training config, so its validation split cannot be re-made; "
+                              "pass split='test' (--split test) to evaluate a held-out split instead")
+    c = resolve(dict(cfg), data=str(data_dir), limit=0, progress=False)
+    _, val, _, how = split_samples(c)
+    return val, f"validation split of the checkpoint: {how}"
+
+
+def evaluate(checkpoint: str | Path | None, data: str | Path, out: str | Path, split: str | None = None,
+             device: str = "auto", progress: bool = True, group_by: str | None = None,
+             metadata: str | Path | None = None) -> dict:
+    """Evaluate ``checkpoint`` (None = bundled default) on ``data``; write report files into ``out``; return the report."""
+
+    pred = load(checkpoint, device=device)
+    labels = "binary" if len(pred.label_names) == 2 else "ternary"
+    if split == "validation":  # the checkpoint's own patient-level validation split, re-made from its config
+
+        samples, _ = evaluation_samples(load_checkpoint(pred.info["checkpoint"]), data)
+    else:
+        _, samples = select_split(data, split, labels)
+    d = decode_all([s.path for s in samples], pred.preprocess.input_size, progress=progress)
+    keep = np.flatnonzero(d.ok)
+    if len(keep) == 0:
+        raise DatasetLayoutError(f"{data}: no readable image to evaluate")
+    logits = pred.logits(d.images[keep])
+    y = np.array([samples[i].label for i in keep])
+    groups = None
+    if group_by or metadata:
+
+        groups = group_labels([samples[i] for i in keep], group_by or "site", metadata)
+    extra = {"data": str(data), "split": split, "checkpoint": pred.info["checkpoint"],
+             "model": pred.info["name"], "model_checksum": pred.info["checksum"],
+             "threshold_info": pred.info["threshold_info"],
+             "unreadable": [{"path": str(p), "error": m} for p, m in d.errors]}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    T = pred.temperature
+    if len(pred.label_names) > 2:
+        P = softmax(logits / (T or 1.0))
+        return write_evaluation(out, y, P, pred.threshold, label_names=list(pred.label_names), extra=extra)
+    p_raw = pneumonia_score(logits)
+    p = pneumonia_score(logits, T, pred.calibration_bias) if T else p_raw
+    return write_evaluation(out, y, p, pred.threshold, label_names=list(pred.label_names),
+                            logits=logits[:, 0], temperature=T, calibration_bias=pred.calibration_bias,
+                            val_operating_points=pred.info.get("val_operating_points"),
+                            groups=groups, extra=extra)

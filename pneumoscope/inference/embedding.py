@@ -1,0 +1,122 @@
+"""The predictor's embedding-space out-of-distribution check: the pooled last features of the model
+(``feature_layer``), and ``EmbeddingReference``, a Gaussian of training embeddings (Ledoit-Wolf covariance) whose
+Mahalanobis distance flags images beyond the 99th percentile of out-of-fold training distances.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.covariance import LedoitWolf
+from torch import nn
+
+
+def feature_layer(model) -> str:
+    """Name of the module whose INPUT, average-pooled over space when it is a feature map, is the embedding.
+
+    The last feature map or pooled vector before the classifier, like FID's pooled features: generic image
+    features, less class-collapsed than the last hidden layer of the head.
+
+    seed_cnn: ``backbone.flatten`` (128 channels of the last conv block, pooled); cnn_rnn: ``head`` (128 channels
+    of the last conv block, pooled; before the GRU); efficientnet_lite0: ``head`` (1280, pooled by the backbone);
+    densenet121: ``head`` (1024); resnet18: ``head`` (512).
+    """
+
+    last = list(model.backbone.children())[-1] if len(list(model.backbone.children())) else None
+    return "backbone." + list(model.backbone._modules)[-1] if isinstance(last, nn.Flatten) else "head"
+
+
+def embed(predictor, images_u8: np.ndarray) -> np.ndarray:
+    """Embeddings (N, D) float32 of uint8 images (N, S, S) at the model input size (see ``feature_layer``).
+
+    The hook is removed afterwards; the model is left as it was.
+    """
+    model = predictor.model
+    module = dict(model.named_modules())[feature_layer(model)]
+    feats: list[np.ndarray] = []
+
+    def hook(_m, inp) -> None:
+        x = inp[0].detach().float()
+        feats.append((x.mean(dim=(2, 3)) if x.dim() == 4 else x.flatten(1)).cpu().numpy())
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        predictor.logits(np.asarray(images_u8))
+    finally:
+        handle.remove()
+    return np.concatenate(feats).astype(np.float32)
+
+
+@dataclass
+class EmbeddingReference:
+    """Gaussian model of training embeddings: ``distance`` = Mahalanobis, ``flag`` = beyond the threshold."""
+
+    mean: np.ndarray  # (D,) float32
+    precision: np.ndarray  # (D, D) float32, inverse of the Ledoit-Wolf covariance
+    threshold: float  # the ``quantile`` of the fitting images' distances
+    quantile: float = 0.99
+    layer: str = ""
+    n_fit: int = 0
+
+    @classmethod
+    def fit(cls, features: np.ndarray, quantile: float = 0.99, layer: str = "", folds: int = 5,
+            seed: int = 0) -> "EmbeddingReference":
+        """Fit mean and Ledoit-Wolf precision on training features (N, D).
+
+        The threshold is the ``quantile`` of *out-of-fold* distances (``folds``-fold: each image measured against
+        a fit without it). In-sample distances are biased low, badly so when N is not much larger than D, and
+        would flag most new in-distribution images; out-of-fold ones flag about 1 - quantile of them.
+        """
+
+        X = np.asarray(features, dtype=np.float64)
+        if X.ndim != 2 or X.shape[0] < 2 * folds:
+            raise ValueError(f"EmbeddingReference.fit needs features (N >= {2 * folds}, D), got shape {X.shape}")
+        lw = LedoitWolf().fit(X)
+        ref = cls(mean=lw.location_.astype(np.float32), precision=lw.precision_.astype(np.float32), threshold=0.0,
+                  quantile=quantile, layer=layer, n_fit=int(X.shape[0]))
+        fold = np.random.default_rng(seed).permutation(X.shape[0]) % folds
+        oof = np.empty(X.shape[0])
+        for k in range(folds):
+            part = LedoitWolf().fit(X[fold != k])
+            diff = X[fold == k] - part.location_
+            oof[fold == k] = np.sqrt(np.maximum(np.einsum("nd,de,ne->n", diff, part.precision_, diff), 0.0))
+        ref.threshold = float(np.quantile(oof, quantile))
+        return ref
+
+    def distance(self, features: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance of each row (or of one vector) to the training mean."""
+        X = np.atleast_2d(np.asarray(features, dtype=np.float64)) - self.mean.astype(np.float64)
+        d2 = np.einsum("nd,de,ne->n", X, self.precision.astype(np.float64), X)
+        d = np.sqrt(np.maximum(d2, 0.0))
+        return d if np.ndim(features) == 2 else d[0]
+
+    def flag(self, features: np.ndarray):
+        """True where the distance exceeds the threshold: a bool for one vector, a bool array for (N, D)."""
+        f = self.distance(features) > self.threshold
+        return f if np.ndim(f) else bool(f)
+
+    def to_dict(self) -> dict:
+        """Tensors and plain values only (``torch.load(weights_only=True)`` reads it back inside a checkpoint).
+
+        seed_cnn and cnn_rnn (D=128): (128 + 128 x 128) float32 = 66 kB; resnet18 1 MB; densenet121 4.2 MB;
+        efficientnet_lite0 6.6 MB.
+        """
+
+        return {"mean": torch.from_numpy(self.mean.astype(np.float32)),
+                "precision": torch.from_numpy(self.precision.astype(np.float32)),
+                "threshold": float(self.threshold), "quantile": float(self.quantile), "layer": self.layer,
+                "n_fit": int(self.n_fit)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EmbeddingReference":
+        def arr(v) -> np.ndarray:
+            return (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)).astype(np.float32)
+
+        return cls(mean=arr(d["mean"]), precision=arr(d["precision"]), threshold=float(d["threshold"]),
+                   quantile=float(d.get("quantile", 0.99)), layer=str(d.get("layer", "")), n_fit=int(d.get("n_fit", 0)))
+
+
+def reference_from_images(predictor, images_u8: np.ndarray, quantile: float = 0.99) -> EmbeddingReference:
+    """Fit an ``EmbeddingReference`` on uint8 images (N, S, S) at the model input size."""
+    return EmbeddingReference.fit(embed(predictor, images_u8), quantile, feature_layer(predictor.model))

@@ -1,0 +1,49 @@
+"""``load(checkpoint)``: a ``Predictor`` from a checkpoint (.pt), an exported ONNX model (.onnx), or ``None`` for
+the bundled default model. Prediction runs in fp32 by default so probabilities are reproducible across machines."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from pneumoscope.data.digest import file_digest
+from pneumoscope.inference.default_model import default_checkpoint
+from pneumoscope.inference.embedding import EmbeddingReference
+from pneumoscope.inference.onnx import load_onnx_predictor
+from pneumoscope.inference.predictor import Predictor
+from pneumoscope.inference.runtime import pick_device, pick_precision
+from pneumoscope.models.checkpoint import load_checkpoint, model_from_checkpoint
+from pneumoscope.models.preprocess import Preprocess
+
+log = logging.getLogger(__name__)
+
+
+def load(checkpoint: str | Path | None = None, device: str = "auto", precision: str = "fp32") -> Predictor:
+    """A predictor from a checkpoint file (``None`` = the bundled default model)."""
+    path = Path(checkpoint) if checkpoint else default_checkpoint()
+    if path.suffix.lower() == ".onnx":  # exported by pneumoscope export: preprocessing and threshold inside
+        return load_onnx_predictor(path)
+    ckpt = load_checkpoint(path)
+    dev = pick_device(device)
+    model = model_from_checkpoint(ckpt).to(dev).to(memory_format=torch.channels_last)
+    threshold = ckpt.get("threshold")
+    if threshold is None:
+        log.warning("%s stores no decision threshold; using 0.5", path)
+        threshold = 0.5
+    info = {
+        "name": ckpt["arch"]["name"], "checkpoint": str(path), "version": ckpt.get("pneumoscope_version"),
+        "checksum": "sha256:" + file_digest(path), "epoch": ckpt.get("epoch"),
+        "threshold": float(threshold), "threshold_info": ckpt.get("threshold_info"),
+        "temperature": ckpt.get("temperature"), "calibration_bias": ckpt.get("calibration_bias", 0.0),
+        "label_names": list(ckpt["label_names"]),
+        "val_operating_points": ckpt.get("val_operating_points"), "val_metrics": ckpt.get("metrics"),
+    }
+    ood_reference = None
+    if ckpt.get("ood_reference"):
+        ood_reference = EmbeddingReference.from_dict(ckpt["ood_reference"])
+    return Predictor(model=model, preprocess=Preprocess.from_dict(ckpt["preprocess"]), ood_reference=ood_reference,
+                     label_names=tuple(ckpt["label_names"]), threshold=float(threshold),
+                     temperature=ckpt.get("temperature"), calibration_bias=float(ckpt.get("calibration_bias") or 0.0),
+                     info=info, device=dev,
+                     amp=pick_precision(precision, dev))

@@ -1,0 +1,115 @@
+"""``Predictor``: a model (or an ONNX Runtime backend) with its preprocessing, calibration and threshold;
+``predict(paths or arrays)`` decodes exactly as training did and returns one result dict per input.
+Build one with ``inference.loader.load(checkpoint)``."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pneumoscope.data.folders import patient_id_from_name
+from pneumoscope.data.images import check_intensity, is_dicom_path, load_uint8, read_image, resize_uint8, to_uint8
+from pneumoscope.data.quality import file_warnings, image_warnings
+from pneumoscope.errors import ImageReadError
+from pneumoscope.inference.embedding import EmbeddingReference, embed
+from pneumoscope.inference.runtime import pneumonia_score, predict_logits, softmax
+from pneumoscope.models.preprocess import Preprocess
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Predictor:
+    model: torch.nn.Module | None
+    preprocess: Preprocess
+    label_names: tuple[str, ...]
+    threshold: float
+    temperature: float | None
+    calibration_bias: float = 0.0  # binary calibration: sigmoid(logit / temperature + calibration_bias)
+    info: dict = field(default_factory=dict)  # name, version, checksum, threshold provenance
+    device: torch.device = torch.device("cpu")
+    amp: torch.dtype | None = None
+    backend: object | None = None  # e.g. inference.onnx.OnnxBackend: .logits(batch_u8) -> np.ndarray
+    ood_reference: EmbeddingReference | None = None  # shipped in the checkpoint, if any
+
+    # -- preprocessing: the same uint8 resize as training's decode
+    def prepare(self, item) -> tuple[np.ndarray, dict]:
+        """A path, or a float image in [0, 1] / uint8 array -> (uint8 SxS, meta)."""
+        size = self.preprocess.input_size
+        if isinstance(item, (str, Path)):
+            p = Path(item)
+            meta: dict = {}
+            if is_dicom_path(p):
+                img, meta = read_image(p)
+                return resize_uint8(to_uint8(img), size), meta
+            return load_uint8(p, size), meta
+        arr = np.asarray(item)
+        if arr.dtype == np.uint8:
+            return resize_uint8(arr, size), {}
+        return resize_uint8(to_uint8(check_intensity(arr)), size), {}
+
+    def input_warnings(self, item, u8: np.ndarray, meta: dict) -> list[str]:
+        """Model-free quality / out-of-distribution flags (blank, photo-like colour, exposure, polarity...)."""
+        if isinstance(item, (str, Path)) and meta.get("format") != "DICOM" and not is_dicom_path(Path(item)):
+            return file_warnings(item)
+        return list(meta.get("warnings", [])) + image_warnings(np.asarray(item) if not isinstance(item, (str, Path)) else u8, meta)
+
+    def embedding_warnings(self, batch_u8: np.ndarray) -> list[list[str]]:
+        """Flags for images far from the training images in the model's embedding space (needs ``ood_reference``)."""
+        if self.ood_reference is None:
+            return [[] for _ in batch_u8]
+        d = self.ood_reference.distance(embed(self, batch_u8))
+        t = self.ood_reference.threshold
+        return [[f"out of distribution: embedding distance {x:.1f} > {t:.1f} (99th percentile of training images); "
+                 "the model may not apply to this image"] if x > t else [] for x in np.atleast_1d(d)]
+
+    def logits(self, batch_u8: np.ndarray) -> np.ndarray:
+        if self.backend is not None:
+            return self.backend.logits(batch_u8)
+        x = torch.from_numpy(np.ascontiguousarray(batch_u8)).unsqueeze(1)
+        return predict_logits(self.model, x, self.preprocess, self.device, self.amp)
+
+    def predict(self, items: list, batch_size: int = 16) -> list[dict]:
+        """One dict per input: probability (raw and calibrated), label at the stored threshold, or an error."""
+        if isinstance(items, (str, Path, np.ndarray)):
+            items = [items]
+        results: list[dict] = []
+        ready: list[tuple[int, np.ndarray]] = []
+        for i, item in enumerate(items):
+            name = str(item) if isinstance(item, (str, Path)) else f"array[{i}]"
+            r: dict = {"path": name}
+            if isinstance(item, (str, Path)):
+                r["patient_id"] = patient_id_from_name(Path(item).name)
+            try:
+                u8, meta = self.prepare(item)
+                if meta.get("patient_id"):
+                    r["patient_id"] = meta["patient_id"]
+                r["warnings"] = self.input_warnings(item, u8, meta)
+                ready.append((i, u8))
+            except ImageReadError as e:
+                log.warning("cannot read %s: %s", name, e)
+                r["error"] = str(e)
+            results.append(r)
+        for start in range(0, len(ready), batch_size):
+            chunk = ready[start:start + batch_size]
+            batch = np.stack([u for _, u in chunk])
+            logits = self.logits(batch)
+            for (i, _), w in zip(chunk, self.embedding_warnings(batch)):
+                results[i]["warnings"] += w
+            raw = pneumonia_score(logits)
+            cal = pneumonia_score(logits, self.temperature, self.calibration_bias) if self.temperature else raw
+            for (i, _), lg, p_raw, p_cal in zip(chunk, logits, raw, cal):
+                r = results[i]
+                r["probability"] = float(p_raw)
+                r["calibrated_probability"] = float(p_cal) if self.temperature else None
+                score = p_cal if self.temperature else p_raw
+                r["label"] = "PNEUMONIA" if score >= self.threshold else "NORMAL"
+                r["threshold"] = self.threshold
+                if len(self.label_names) > 2:
+                    probs = softmax(lg[None] / (self.temperature or 1.0))[0]
+                    r["class_probabilities"] = {n: float(q) for n, q in zip(self.label_names, probs)}
+                    r["predicted_class"] = self.label_names[int(probs.argmax())]
+        return results

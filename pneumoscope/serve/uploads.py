@@ -1,0 +1,125 @@
+"""Uploaded files: what they are (sniffed from the bytes), decoded exactly as training decoded them, the copies
+the viewer and the database keep, the heatmap overlay, pseudonyms. Errors are HTTP errors naming the file."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import HTTPException
+from PIL import Image
+
+from pneumoscope.data.images import DICOM_EXTENSIONS, is_dicom_path, load_jpeg_bytes_uint8, read_image_bytes, resize_uint8, to_uint8
+from pneumoscope.errors import ImageReadError, ImageTooLargeError
+from pneumoscope.serve.db import StudyRecord
+from pneumoscope.trust.explain import overlay_png
+
+MAX_PIXELS = 36_000_000      # decoded pixels per image (6000 x 6000); above: decompression bomb, 422
+VIEW_SIDE = 1024             # longest side of the viewer copy stored in the database
+HEATMAP_SIDE = 512           # longest side of the heatmap overlay
+HEATMAP_ALPHA = 0.4
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]")
+
+
+def safe_name(filename: str | None) -> str:
+    """A client file name fit for messages (never used as a path): printable ASCII, at most 80 characters."""
+    name = _SAFE_NAME.sub("_", re.split(r"[\\/]", filename or "")[-1])[:80]
+    return name or "upload"
+
+
+def sniff(data: bytes, name: str, content_type: str | None) -> str | None:
+    """JPEG | PNG | DICOM from the bytes (and, for DICOM files without the 'DICM' preamble, the .dcm name or the
+    application/dicom type); None for anything else."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if data[128:132] == b"DICM" or is_dicom_path(name) \
+            or (content_type or "").split(";")[0].strip().lower() == "application/dicom":
+        return "DICOM"
+    return None
+
+
+def _png(u8: np.ndarray) -> bytes:
+
+    buf = io.BytesIO()
+    Image.fromarray(u8, mode="L").save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+def fit(u8: np.ndarray, side: int) -> np.ndarray:
+    """Downscale (area filter) so the longest side is at most ``side``; aspect kept."""
+
+    h, w = u8.shape
+    if max(h, w) <= side:
+        return u8
+    s = side / max(h, w)
+    im = Image.fromarray(u8, mode="L").resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BOX)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def _model_input(data: bytes, name: str, fmt: str, full_u8: np.ndarray, size: int) -> np.ndarray:
+    """The model's uint8 SxS input, decoded exactly as training decoded it (``images.load_uint8``: JPEGs by
+    libjpeg's reduced-DCT grey path, everything else by the exact read then a bilinear resize)."""
+
+    if fmt == "JPEG":
+        u8 = load_jpeg_bytes_uint8(data, name, size, MAX_PIXELS)
+        if u8 is not None:
+            return u8
+    return resize_uint8(full_u8, size)
+
+
+@dataclass
+class Upload:
+    """One decoded upload: its study record, the viewer copy and the model's input."""
+
+    name: str
+    study: StudyRecord
+    view_u8: np.ndarray  # the viewer copy (longest side <= VIEW_SIDE), stored as study.image_png
+    model_u8: np.ndarray  # the model's S x S input
+
+
+def decode_upload(data: bytes, filename: str | None, content_type: str | None, size: int) -> Upload:
+    """An uploaded file -> everything the service stores and feeds the model. Raises HTTPException: 415 for
+    anything but JPEG/PNG/DICOM, 422 for an empty, corrupt or malformed file or a decompression bomb."""
+
+    name = safe_name(filename)
+    if not data:
+        raise HTTPException(422, f"{name}: empty file (0 bytes)")
+    fmt = sniff(data, name, content_type)
+    if fmt is None:
+        raise HTTPException(415, f"{name}: not a JPEG, PNG or DICOM file; upload one of those (a DICOM file "
+                                 "without the 'DICM' preamble needs a .dcm name or the type application/dicom)")
+    if fmt == "DICOM" and not is_dicom_path(name):
+        name += DICOM_EXTENSIONS[0]  # read_image_bytes picks its DICOM reader by the 'DICM' preamble or the name
+    try:
+        img, meta = read_image_bytes(data, name, max_pixels=MAX_PIXELS)
+        full = to_uint8(img)
+        del img
+        model_u8 = _model_input(data, name, fmt, full, size)
+    except ImageTooLargeError as e:
+        raise HTTPException(422, f"image too large, refused as a possible decompression bomb: {e}") from e
+    except ImageReadError as e:  # corrupt JPEG/PNG, malformed DICOM, not a radiograph, ...
+        raise HTTPException(422, str(e)) from e
+    h, w = full.shape
+    view = fit(full, VIEW_SIDE)
+    study = StudyRecord(sha256=hashlib.sha256(data).hexdigest(), format=meta["format"], width=w, height=h,
+                        image_png=_png(view), warnings=list(meta.get("warnings", [])),
+                        patient_id=meta.get("patient_id"), study_uid=meta.get("study_uid"),
+                        modality=meta.get("modality"), manufacturer=meta.get("manufacturer"),
+                        device_model=meta.get("device_model"))
+    return Upload(name=name, study=study, view_u8=view, model_u8=model_u8)
+
+
+def heatmap_overlay(view_u8: np.ndarray, heat: np.ndarray) -> bytes:
+    """The Grad-CAM overlay PNG on the viewer copy (longest side HEATMAP_SIDE)."""
+
+    return overlay_png(fit(view_u8, HEATMAP_SIDE), heat, alpha=HEATMAP_ALPHA)
+
+
+def pseudonym(salt: str, value: str) -> str:
+    """Keyed SHA-256 (HMAC) of an identifier: stable for one salt, not reversible without it."""
+    return hmac.new(salt.encode(), value.encode(), hashlib.sha256).hexdigest()

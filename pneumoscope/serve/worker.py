@@ -1,0 +1,108 @@
+"""The one thread that runs the model: requests queue their images, the thread batches whatever is waiting into
+one forward pass (and Grad-CAM when asked), so concurrent requests share the model instead of fighting over the
+CPU cores. No added wait when idle, bigger batches under load."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pneumoscope.trust.explain import heatmaps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    images: list[np.ndarray]
+    heatmaps: bool
+    future: Future = field(default_factory=Future)
+
+
+class ModelWorker:
+    """The one thread that touches the model. ``submit`` queues a request's images; the worker takes every job
+    waiting in the queue (up to ``max_batch`` images) and runs them as one batch: no added wait when idle,
+    bigger batches under load."""
+
+    def __init__(self, predictor, max_batch: int = 32) -> None:
+        self.predictor = predictor
+        self.max_batch = max_batch
+        self._q: queue.Queue[_Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, images: list[np.ndarray], heatmaps: bool = False) -> Future:
+        """A future of one dict per image: ``Predictor.predict``'s fields plus ``heat`` (S, S) or None and
+        ``heat_error`` when the heatmap could not be computed."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pneumoscope-model", daemon=True)
+                self._thread.start()
+        job = _Job(images, heatmaps)
+        self._q.put(job)
+        return job.future
+
+    def close(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                self._q.put(None)
+                self._thread.join(timeout=30)
+                self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            jobs, n = [job], len(job.images)
+            while n < self.max_batch:
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._q.put(None)  # stop after this batch
+                    break
+                jobs.append(nxt)
+                n += len(nxt.images)
+            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # drop cancelled requests
+            if not jobs:
+                continue
+            try:
+                per_job = self._compute(jobs)
+            except Exception as e:  # noqa: BLE001 - handed to the waiting requests (500); the worker must live on
+                log.exception("prediction failed for a batch of %d image(s)", sum(len(j.images) for j in jobs))
+                for j in jobs:
+                    j.future.set_exception(e)
+                continue
+            for j, r in zip(jobs, per_job):
+                j.future.set_result(r)
+
+    def _compute(self, jobs: list[_Job]) -> list[list[dict]]:
+        images = [im for j in jobs for im in j.images]
+        results = self.predictor.predict(images)
+        owners = [j for j in jobs for _ in j.images]
+        wanted = [i for i, j in enumerate(owners) if j.heatmaps]
+        heat: dict[int, np.ndarray] = {}
+        heat_error = None
+        if wanted:
+            try:
+
+                maps = heatmaps(self.predictor, np.stack([images[i] for i in wanted]))
+                heat = dict(zip(wanted, maps))
+            except Exception as e:  # noqa: BLE001 - a missing heatmap must not fail the prediction itself
+                log.exception("Grad-CAM failed for a batch of %d image(s)", len(wanted))
+                heat_error = f"heatmap unavailable ({type(e).__name__}: {e})"
+        for i, r in enumerate(results):
+            r["heat"] = heat.get(i)
+            if owners[i].heatmaps and i not in heat:
+                r["heat_error"] = heat_error
+        out, start = [], 0
+        for j in jobs:
+            out.append(results[start:start + len(j.images)])
+            start += len(j.images)
+        return out

@@ -1,0 +1,151 @@
+"""Grad-CAM heatmaps: where in the X-ray the pneumonia score comes from. ``pneumoscope explain``.
+
+MONAI's ``monai.visualize.GradCAM`` on the model's ``gradcam_layer`` (see ``models.py``), for the *pneumonia
+score*: the single logit of a binary model; for a ternary model the pneumonia log-odds
+``logsumexp(z_bacterial, z_viral) - z_normal``, whose sigmoid is exactly ``1 - softmax[NORMAL]``, the score that
+``predict`` reports (``class_idx`` picks one class logit instead).
+
+Grad-CAM runs on a private fp32 copy of the model in eval mode and contiguous (NCHW) memory format: MONAI's hooks
+are never removed and its ``view`` calls fail on channels_last gradients, so the predictor's model is left exactly
+as it was (mode, hooks, memory format, in-place flags). cuDNN cannot run an RNN backward pass in eval mode, so on
+CUDA a model with a GRU (``cnn_rnn``) is explained with cuDNN switched off (native kernels, same result);
+on CPU nothing special is needed.
+
+A heatmap is float32 (S, S) at the model input size in [0, 1], divided by its maximum (0 = no positive evidence
+for pneumonia). It shows what drives the score, not where the disease is: see docs/trust.md.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from monai.visualize import GradCAM
+from PIL import Image
+from torch import nn
+
+from pneumoscope.data.folders import expand_paths
+from pneumoscope.data.images import read_image, to_uint8
+from pneumoscope.errors import ImageReadError
+from pneumoscope.inference.loader import load
+from pneumoscope.inference.runtime import normalize
+
+log = logging.getLogger(__name__)  # torch is imported inside the functions: `pneumoscope --help` stays instant
+
+
+def pneumonia_logit(model, class_idx: int | None = None):
+    """``model`` wrapped to one output: the binary logit, the pneumonia log-odds of a multi-class model
+    (``logsumexp(z[1:]) - z[0]``, sigmoid = 1 - softmax[0]), or the logit of class ``class_idx``."""
+
+    class PneumoniaLogit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z = self.model(x).float()
+            if class_idx is not None:
+                return z[:, class_idx:class_idx + 1]
+            if z.shape[1] == 1:
+                return z
+            return (torch.logsumexp(z[:, 1:], dim=1) - z[:, 0]).unsqueeze(1)
+
+    return PneumoniaLogit()
+
+
+def _unit_max(cam):
+    """Per-image division by the maximum (Grad-CAM maps are >= 0 after its ReLU); an all-zero map stays zero."""
+
+    m = cam.flatten(1).amax(1).view(-1, *([1] * (cam.dim() - 1)))
+    return torch.where(m > 0, cam / m.clamp_min(1e-12), torch.zeros_like(cam))
+
+
+def heatmaps(predictor, images_u8: np.ndarray, class_idx: int | None = None) -> np.ndarray:
+    """Grad-CAM maps (N, S, S) float32 in [0, 1] for uint8 images (N, S, S) at the model input size."""
+
+    x_u8 = np.asarray(images_u8)
+    if x_u8.ndim != 3 or x_u8.dtype != np.uint8:
+        raise ValueError(f"heatmaps needs uint8 images (N, S, S), got {x_u8.dtype} {x_u8.shape}")
+    layer = getattr(predictor.model, "gradcam_layer", None)
+    if not layer:
+        raise ValueError(f"{type(predictor.model).__name__} has no gradcam_layer; build it with models.create_model")
+    # a private copy: MONAI's hooks stay on it, the predictor's model keeps its mode, hooks and memory format
+    model = copy.deepcopy(predictor.model).float().to(memory_format=torch.contiguous_format).eval()
+    net = pneumonia_logit(model, class_idx).eval()
+    cam = GradCAM(nn_module=net, target_layers="model." + layer, postprocessing=_unit_max)
+    dev = predictor.device
+    x = torch.from_numpy(np.array(x_u8, copy=True)).unsqueeze(1).to(dev).float().div_(255)
+    x = normalize(x, predictor.preprocess).contiguous().requires_grad_(True)
+    has_rnn = any(isinstance(m, nn.RNNBase) for m in model.modules())
+    with torch.enable_grad(), torch.backends.cudnn.flags(enabled=not (has_rnn and dev.type == "cuda")):
+        out = cam(x=x, class_idx=0)
+    return out[:, 0].detach().float().cpu().numpy().astype(np.float32)
+
+
+def heatmap(predictor, image_u8: np.ndarray, class_idx: int | None = None) -> np.ndarray:
+    """Grad-CAM map (S, S) float32 in [0, 1] of one image (resized to the model input size when needed)."""
+    u8, _ = predictor.prepare(image_u8)
+    return heatmaps(predictor, u8[None], class_idx)[0]
+
+
+def heatmap_for_file(predictor, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(the image at its original resolution as uint8 HxW, its Grad-CAM map (S, S) at the model input size).
+
+    The map is computed on exactly what ``predict`` feeds the model (``predictor.prepare(path)``).
+    """
+
+    model_input, _ = predictor.prepare(path)
+    original, _ = read_image(path)
+    return to_uint8(original), heatmaps(predictor, model_input[None])[0]
+
+
+def overlay_png(image_u8: np.ndarray, heat: np.ndarray, alpha: float = 0.4, cmap: str = "jet") -> bytes:
+    """PNG bytes (RGB, the image's size) of the grey X-ray blended with the colour-mapped heatmap.
+
+    ``heat`` is resized (bilinear) to the image size: the model's square input stretches the original, and
+    stretching the map back undoes that.
+    """
+
+    img = np.asarray(image_u8)
+    if img.ndim != 2 or img.dtype != np.uint8:
+        raise ValueError(f"overlay_png needs a uint8 grey image HxW, got {img.dtype} {img.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha} must be in [0, 1]")
+    h, w = img.shape
+    hm = np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0)
+    if hm.shape != (h, w):
+        hm = np.asarray(Image.fromarray(hm, mode="F").resize((w, h), Image.Resampling.BILINEAR))
+    colour = colormaps[cmap](np.clip(hm, 0.0, 1.0))[..., :3]
+    grey = np.repeat(img[..., None].astype(np.float32) / 255.0, 3, axis=2)
+    rgb = np.clip(np.rint(((1.0 - alpha) * grey + alpha * colour) * 255.0), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def explain(checkpoint: str | Path | None, paths: list[str | Path], out_dir: str | Path,
+            device: str = "auto") -> list[Path]:
+    """Write ``<stem>_gradcam.png`` into ``out_dir`` for every image/DICOM file (folders are expanded).
+
+    ``checkpoint=None`` explains the bundled default model. Unreadable files are logged and skipped.
+    """
+
+    predictor = load(checkpoint, device=device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for p in expand_paths(list(paths)):
+        try:
+            image, heat = heatmap_for_file(predictor, p)
+        except ImageReadError as e:
+            log.warning("cannot explain %s: %s", p, e)
+            continue
+        dest = out / f"{p.stem}_gradcam.png"
+        dest.write_bytes(overlay_png(image, heat))
+        written.append(dest)
+    log.info("wrote %d Grad-CAM overlay(s) to %s", len(written), out)
+    return written
