@@ -47,7 +47,6 @@ def evaluation_samples(ckpt: dict, data_dir: str | Path, split: str | None = Non
         return samples, f"{split} images of {data_dir}"
     cfg = ckpt.get("config")
     if not cfg:
-
         raise CheckpointError("the checkpoint stores no training config, so its validation split cannot be re-made; "
                               "pass split='test' (--split test) to evaluate a held-out split instead")
     c = resolve(dict(cfg), data=str(data_dir), limit=0, progress=False)
@@ -75,7 +74,6 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, out: str | Path, s
     y = np.array([samples[i].label for i in keep])
     groups = None
     if group_by or metadata:
-
         groups = group_labels([samples[i] for i in keep], group_by or "site", metadata)
     extra = {"data": str(data), "split": split, "checkpoint": pred.info["checkpoint"],
              "model": pred.info["name"], "model_checksum": pred.info["checksum"],

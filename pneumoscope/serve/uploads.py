@@ -44,7 +44,6 @@ def sniff(data: bytes, name: str, content_type: str | None) -> str | None:
 
 
 def _png(u8: np.ndarray) -> bytes:
-
     buf = io.BytesIO()
     Image.fromarray(u8, mode="L").save(buf, format="PNG", compress_level=3)
     return buf.getvalue()

@@ -52,7 +52,6 @@ def count_params(model: torch.nn.Module) -> int:
 
 
 def _row(name: str, y: np.ndarray, p: np.ndarray, threshold: float, **extra) -> dict:
-
     m = binary_metrics(y, p, threshold)
     return {"model": name, "val_auc": m["auc"], "accuracy": m["accuracy"], "sensitivity": m["sensitivity"],
             "specificity": m["specificity"], "threshold": threshold, **extra}
