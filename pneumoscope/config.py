@@ -10,8 +10,9 @@ from pathlib import Path
 
 import yaml
 
+from pneumoscope.data.intensity import METHODS as INTENSITY_METHODS
 from pneumoscope.errors import ConfigError
-from pneumoscope.models.names import list_models
+from pneumoscope.models.names import list_models, parse_trainable
 
 
 @dataclass
@@ -38,6 +39,7 @@ class TrainConfig:
     contrast: float = 0.20  # multiplicative 1 +- around the image mean
     gamma: float = 0.0  # log-uniform gamma in [exp(-g), exp(g)]; 0 = off
     blur: float = 0.0  # per-image Gaussian blur up to this sigma in px at the model's input size; 0 = off
+    downsample: float = 0.0  # resolution loss: shrink by up to 2 ** this and resize back (augment.py); 0 = off
     noise: float = 0.0  # per-image additive Gaussian noise up to this std (fraction of the range); 0 = off
     hflip: bool = False  # off by default: the heart is on the left; a flipped film is not a real chest X-ray
     patience: int = 5  # early stopping: epochs without a better validation AUC
@@ -52,6 +54,8 @@ class TrainConfig:
     weights: str = ""  # local weights file for a backbone
     freeze_epochs: int = 0  # epochs with the backbone frozen (head warm-up) before fine-tuning
     backbone_lr_mult: float = 1.0  # discriminative learning rate: backbone lr = lr * this
+    trainable: str = "all"  # all | head (frozen features + head) | last:N (last N backbone stages + head)
+    intensity: str = "none"  # uint8 standardisation at the input size: none | equalize | clahe (data/intensity.py)
     model_kwargs: dict = field(default_factory=dict)  # extra constructor arguments of the model
     allow_cross_split_duplicates: bool = False
     progress: bool = True
@@ -84,8 +88,12 @@ class TrainConfig:
             raise bad("threshold", "choose youden or sensitivity:TARGET, e.g. sensitivity:0.95")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise bad("label_smoothing", "must be in [0, 0.5)")
-        if self.blur < 0 or self.noise < 0:
-            raise ConfigError(f"config values blur={self.blur!r} and noise={self.noise!r} must be >= 0 (0 = off)")
+        if self.blur < 0 or self.noise < 0 or self.downsample < 0:
+            raise ConfigError(f"config values blur={self.blur!r}, noise={self.noise!r} and downsample="
+                              f"{self.downsample!r} must be >= 0 (0 = off)")
+        if self.intensity not in INTENSITY_METHODS:
+            raise bad("intensity", f"choose one of {', '.join(INTENSITY_METHODS)}")
+        parse_trainable(self.trainable)
         if self.patience < 1:
             raise bad("patience", "must be at least 1")
         if self.limit < 0 or self.threads < 0 or self.workers < 0 or self.freeze_epochs < 0:

@@ -12,7 +12,14 @@ import numpy as np
 from fastapi import HTTPException
 from PIL import Image
 
-from pneumoscope.data.images import DICOM_EXTENSIONS, is_dicom_path, load_jpeg_bytes_uint8, read_image_bytes, resize_uint8, to_uint8
+from pneumoscope.data.images import (
+    DICOM_EXTENSIONS,
+    is_dicom_path,
+    load_jpeg_bytes_uint8,
+    read_image_bytes,
+    resize_uint8,
+    to_uint8,
+)
 from pneumoscope.errors import ImageReadError, ImageTooLargeError
 from pneumoscope.serve.db import StudyRecord
 from pneumoscope.trust.explain import overlay_png
