@@ -20,11 +20,15 @@ def _summary(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from pneumoscope.trust.data_compare import data_compare
 
-    r = data_compare(args.reference, args.target, args.checkpoint, args.out, limit=args.limit, progress=True)
-    keys = ("intensity_js", "intensity_wasserstein", "size_wasserstein_px", "embedding_frechet", "target_flagged_fraction")
+    r = data_compare(args.reference, args.target, args.checkpoint, args.out, limit=args.limit, progress=not args.json,
+                     alpha=args.alpha)
+    keys = ("p_value", "intensity_js", "intensity_wasserstein", "size_wasserstein_px", "embedding_frechet", "target_flagged_fraction")
     log.info("%s%s", ", ".join(f"{k} {r[k]:.4g}" for k in keys if r.get(k) is not None),
              f"; report in {args.out}" if args.out else "")
-    if not args.out:
+    if r["shift_detected"]:
+        log.warning("dataset shift detected: %s differs from %s (p = %.4g < %g); the model's validated figures may "
+                    "not hold there", args.target, args.reference, r["p_value"], args.alpha)
+    if args.json or not args.out:
         sys.stdout.write(json.dumps(r, indent=2) + "\n")
     return 0
 
@@ -52,6 +56,8 @@ def register(sub) -> None:
     s.add_argument("--checkpoint", help="best.pt: also compare the model's embeddings")
     s.add_argument("--out", help="write compare.json/.md/.png here (default: JSON on stdout)")
     s.add_argument("--limit", type=int, default=500, help="at most N files per folder (default 500; 0 = all)")
+    s.add_argument("--alpha", type=float, default=0.01, help="significance level of the shift test (default 0.01)")
+    s.add_argument("--json", action="store_true", help="print the JSON result (also when --out is given)")
     s.set_defaults(func=_compare)
 
     s = sub.add_parser("download", help="fetch a public dataset (resumable, checksum-verified)")

@@ -38,13 +38,16 @@ def _predict(args: argparse.Namespace) -> int:
         if fmt == "json":
             out.write(json.dumps(results, indent=2) + "\n")
         else:
-            cols = ["path", "patient_id", "probability", "calibrated_probability", "label", "threshold", "warnings", "error"]
+            cols = ["path", "patient_id", "probability", "calibrated_probability", "label", "threshold", "ood_score",
+                    "out_of_distribution", "not_assessed_reason", "warnings", "error"]
             if args.adapt_to_batch:
                 cols[4:4] = ["adapted_probability", "adaptation"]
             w = csv.DictWriter(out, fieldnames=cols, extrasaction="ignore")
             w.writeheader()
             for r in results:
-                w.writerow({**r, "warnings": "; ".join(r.get("warnings", []))})
+                ood = r.get("out_of_distribution")
+                w.writerow({**r, "warnings": "; ".join(r.get("warnings", [])),
+                            "out_of_distribution": "" if ood is None else str(ood).lower()})
     finally:
         if args.output:
             out.close()
@@ -62,7 +65,12 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pneumoscope.inference.onnx import OnnxBackend, calibration_images, export_onnx, quantize_onnx
+    from pneumoscope.inference.onnx import (
+        OnnxBackend,
+        calibration_images,
+        export_onnx,
+        quantize_onnx,
+    )
 
     path = export_onnx(args.checkpoint, args.onnx, opset=args.opset)
     log.info("wrote %s", path)

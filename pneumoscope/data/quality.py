@@ -4,12 +4,19 @@ images (at 64 x 64), of which about 0.5 % get any flag. A flag is a reason to lo
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from pneumoscope.data.images import PIL_ERRORS, is_dicom_file, read_image
+from pneumoscope.data.images import (
+    PIL_ERRORS,
+    is_dicom_file,
+    is_dicom_path,
+    read_image,
+    read_image_bytes,
+)
 from pneumoscope.errors import ImageReadError, IntensityRangeError
 
 # Thresholds of image_warnings (intensities in [0, 1], statistics of a 64 x 64 bilinear thumbnail). Shared
@@ -121,18 +128,28 @@ def image_warnings(image: np.ndarray, meta: dict | None = None, min_side: int | 
 
 def file_warnings(path: str | Path, min_side: int | None = None) -> list[str]:
     """``image_warnings`` of a file, colour kept for JPEG/PNG; DICOM through ``read_image`` (its warnings added)."""
-
     path = Path(path)
     if is_dicom_file(path):
         img, meta = read_image(path)
         return list(meta.get("warnings", [])) + image_warnings(img, meta, min_side)
-
     try:
-        with Image.open(path) as src:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ImageReadError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
+    return bytes_warnings(data, str(path), min_side)
+
+
+def bytes_warnings(data: bytes, name: str, min_side: int | None = None) -> list[str]:
+    """``file_warnings`` of a file's bytes (an upload): the same checks, so a file and its upload get the same flags."""
+    if is_dicom_path(name) or data[128:132] == b"DICM":
+        img, meta = read_image_bytes(data, name)
+        return list(meta.get("warnings", [])) + image_warnings(img, meta, min_side)
+    try:
+        with Image.open(io.BytesIO(data)) as src:
             im = ImageOps.exif_transpose(src)
             arr = np.asarray(im.convert("RGB") if im.mode not in ("L", "I;16", "I;16B", "I;16L", "I") else im)
     except PIL_ERRORS as e:
-        raise ImageReadError(f"{path}: cannot decode ({type(e).__name__}: {e})") from e
+        raise ImageReadError(f"{name}: cannot decode ({type(e).__name__}: {e})") from e
     if arr.dtype not in (np.uint8, np.uint16):
         arr = np.clip(arr, 0, 65535).astype(np.uint16)
     return image_warnings(arr, None, min_side)

@@ -9,7 +9,12 @@ import logging
 import numpy as np
 
 from pneumoscope.data.cache import Decoded, decode_all
-from pneumoscope.data.folders import Sample, check_no_cross_split_duplicates, scan, split_by_patient
+from pneumoscope.data.folders import (
+    Sample,
+    check_no_cross_split_duplicates,
+    scan,
+    split_by_patient,
+)
 from pneumoscope.errors import DatasetLayoutError
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,12 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss
 
 from pneumoscope.errors import ConfigError
-from pneumoscope.evaluation.metrics import binary_inputs, choose_threshold, multiclass_inputs, operating_points
+from pneumoscope.evaluation.metrics import (
+    binary_inputs,
+    choose_threshold,
+    multiclass_inputs,
+    operating_points,
+)
 from pneumoscope.inference.runtime import pneumonia_score, softmax
 
 log = logging.getLogger(__name__)

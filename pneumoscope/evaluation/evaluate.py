@@ -10,6 +10,7 @@ from pneumoscope.config import resolve
 from pneumoscope.data.cache import decode_all
 from pneumoscope.data.folders import scan
 from pneumoscope.data.metadata import group_labels
+from pneumoscope.data.quality import image_warnings
 from pneumoscope.data.splits import split_samples
 from pneumoscope.errors import CheckpointError, DatasetLayoutError
 from pneumoscope.evaluation.metrics import binary_metrics, bootstrap_ci
@@ -56,6 +57,19 @@ def evaluation_samples(ckpt: dict, data_dir: str | Path, split: str | None = Non
     return val, f"validation split of the checkpoint: {how}"
 
 
+def assessed_metrics(pred, images_u8: np.ndarray, y: np.ndarray, p: np.ndarray) -> dict:
+    """The metrics on the images the model can assess (inference/assess.py: not blank, not colour, not out of
+    distribution), ``n_not_assessed`` per class and the flagged share; the top-level figures keep every image."""
+    quality = [image_warnings(u8) for u8 in images_u8]
+    ok = np.array([a.assessed for a in pred.assess(images_u8, quality)])
+    out = {"n": int(ok.sum()), "n_not_assessed": {"NORMAL": int((~ok & (y == 0)).sum()),
+                                                  "PNEUMONIA": int((~ok & (y == 1)).sum())},
+           "not_assessed_fraction": float((~ok).mean())}
+    if ok.any():
+        out.update(binary_metrics(y[ok], p[ok], pred.threshold))
+    return out
+
+
 def evaluate(checkpoint: str | Path | None, data: str | Path, out: str | Path, split: str | None = None,
              device: str = "auto", progress: bool = True, group_by: str | None = None,
              metadata: str | Path | None = None, adapt: str | None = None) -> dict:
@@ -92,6 +106,7 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, out: str | Path, s
         return write_evaluation(out, y, P, pred.threshold, label_names=list(pred.label_names), extra=extra)
     p_raw = pneumonia_score(logits)
     p = pneumonia_score(logits, T, pred.calibration_bias) if T else p_raw
+    assessed = assessed_metrics(pred, d.images[keep], (y > 0).astype(int), p)
     adapted = None
     if adapt:
         p_ad, info = adapt_batch(pred, d.images[keep], adapt)
@@ -100,4 +115,4 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, out: str | Path, s
     return write_evaluation(out, y, p, pred.threshold, label_names=list(pred.label_names),
                             logits=logits[:, 0], temperature=T, calibration_bias=pred.calibration_bias,
                             val_operating_points=pred.info.get("val_operating_points"),
-                            groups=groups, extra=extra, adapted=adapted)
+                            groups=groups, extra=extra, adapted=adapted, assessed=assessed)

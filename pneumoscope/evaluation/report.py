@@ -13,7 +13,12 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import (
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
 
 from pneumoscope.errors import ConfigError
 from pneumoscope.evaluation import calibration as C
@@ -229,7 +234,7 @@ def _calibration(y, logits, temperature, bias: float = 0.0) -> tuple[dict, np.nd
 
 def write_evaluation(out_dir, y, p, threshold: float = 0.5, *, label_names, logits=None, temperature=None,
                      calibration_bias: float = 0.0, val_operating_points=None, groups=None, extra=None, n_boot: int = 1000, seed: int = 0,
-                     adapted: dict | None = None) -> dict:
+                     adapted: dict | None = None, assessed: dict | None = None) -> dict:
     """Write report.json, report.md and plots for one evaluated split into `out_dir`; return the report dict.
 
     Binary (`p` 1-D): binary_metrics + `ci` (stratified bootstrap) + `operating_points` (sens/spec on THIS data
@@ -275,12 +280,20 @@ def write_evaluation(out_dir, y, p, threshold: float = 0.5, *, label_names, logi
         plot_pr(y_arr, p_arr, out / "pr.png")
         plot_confusion(report["confusion"], names, out / "confusion.png")
         md = _markdown_binary
+    if assessed is not None:  # the same metrics on the images the model can assess (inference/assess.py)
+        report["assessed"] = assessed
     if adapted is not None:  # opt-in batch adaptation: beside the plain model's figures, never instead of them
         report["adapted"] = adapted
     if extra is not None:
         report["extra"] = extra
     (out / "report.json").write_text(json.dumps(report, indent=2))
     text = md(report)
+    if assessed is not None:
+        na = assessed["n_not_assessed"]
+        text += (f"\n## Assessed images only\n\n{assessed['n']} assessed; not assessed (blank, colour or out of "
+                 f"distribution): {na['NORMAL']} NORMAL, {na['PNEUMONIA']} PNEUMONIA. "
+                 + ", ".join(f"{k} {assessed[k]:.4f}" for k in ("accuracy", "sensitivity", "specificity", "auc")
+                             if assessed.get(k) is not None) + "\n")
     if adapted is not None:
         keys = ("accuracy", "sensitivity", "specificity", "auc")
         text += (f"\n## Adapted to this batch (opt-in: --adapt-to-batch {adapted['mode']})\n\n"

@@ -1,6 +1,8 @@
-"""The predictor's embedding-space out-of-distribution check: the pooled last features of the model
-(``feature_layer``), and ``EmbeddingReference``, a Gaussian of training embeddings (Ledoit-Wolf covariance) whose
-Mahalanobis distance flags images beyond the 99th percentile of out-of-fold training distances.
+"""The predictor's out-of-distribution check: ``EmbeddingReference``, a Gaussian of training features (Ledoit-Wolf
+covariance) whose Mahalanobis distance flags images beyond a quantile (default 99 %) of out-of-fold training
+distances. The features are ``features.NAME`` (generic ImageNet feature statistics, the default since they separate
+populations; inference/features.py) or ``"model"``: the classifier's own pooled last features (``feature_layer``),
+which checkpoints made before the generic features existed carry.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
 from torch import nn
+
+from pneumoscope.inference.features import NAME, features
 
 
 def feature_layer(model) -> str:
@@ -58,10 +62,11 @@ class EmbeddingReference:
     quantile: float = 0.99
     layer: str = ""
     n_fit: int = 0
+    features: str = "model"  # which feature space: "model" (the classifier's, see feature_layer) or features.NAME
 
     @classmethod
     def fit(cls, features: np.ndarray, quantile: float = 0.99, layer: str = "", folds: int = 5,
-            seed: int = 0) -> "EmbeddingReference":
+            seed: int = 0, space: str = "model") -> "EmbeddingReference":
         """Fit mean and Ledoit-Wolf precision on training features (N, D).
 
         The threshold is the ``quantile`` of *out-of-fold* distances (``folds``-fold: each image measured against
@@ -74,7 +79,7 @@ class EmbeddingReference:
             raise ValueError(f"EmbeddingReference.fit needs features (N >= {2 * folds}, D), got shape {X.shape}")
         lw = LedoitWolf().fit(X)
         ref = cls(mean=lw.location_.astype(np.float32), precision=lw.precision_.astype(np.float32), threshold=0.0,
-                  quantile=quantile, layer=layer, n_fit=int(X.shape[0]))
+                  quantile=quantile, layer=layer, n_fit=int(X.shape[0]), features=space)
         fold = np.random.default_rng(seed).permutation(X.shape[0]) % folds
         oof = np.empty(X.shape[0])
         for k in range(folds):
@@ -106,7 +111,7 @@ class EmbeddingReference:
         return {"mean": torch.from_numpy(self.mean.astype(np.float32)),
                 "precision": torch.from_numpy(self.precision.astype(np.float32)),
                 "threshold": float(self.threshold), "quantile": float(self.quantile), "layer": self.layer,
-                "n_fit": int(self.n_fit)}
+                "n_fit": int(self.n_fit), "features": self.features}
 
     @classmethod
     def from_dict(cls, d: dict) -> "EmbeddingReference":
@@ -114,9 +119,21 @@ class EmbeddingReference:
             return (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)).astype(np.float32)
 
         return cls(mean=arr(d["mean"]), precision=arr(d["precision"]), threshold=float(d["threshold"]),
-                   quantile=float(d.get("quantile", 0.99)), layer=str(d.get("layer", "")), n_fit=int(d.get("n_fit", 0)))
+                   quantile=float(d.get("quantile", 0.99)), layer=str(d.get("layer", "")), n_fit=int(d.get("n_fit", 0)),
+                   features=str(d.get("features", "model")))
 
 
-def reference_from_images(predictor, images_u8: np.ndarray, quantile: float = 0.99) -> EmbeddingReference:
+def reference_features(predictor, images_u8: np.ndarray, space: str) -> np.ndarray:
+    """Features of uint8 images (N, S, S) at the model input size in ``space`` ("model" or features.NAME)."""
+    if space == "model":
+        return embed(predictor, images_u8)
+    if space != NAME:
+        raise ValueError(f"unknown out-of-distribution feature space {space!r}; known: model, {NAME}")
+    return features(images_u8)
+
+
+def reference_from_images(predictor, images_u8: np.ndarray, quantile: float = 0.99,
+                          space: str = "model") -> EmbeddingReference:
     """Fit an ``EmbeddingReference`` on uint8 images (N, S, S) at the model input size."""
-    return EmbeddingReference.fit(embed(predictor, images_u8), quantile, feature_layer(predictor.model))
+    layer = feature_layer(predictor.model) if space == "model" else ""
+    return EmbeddingReference.fit(reference_features(predictor, images_u8, space), quantile, layer, space=space)

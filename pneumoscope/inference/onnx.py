@@ -116,7 +116,12 @@ def quantize_onnx(onnx_path: str | Path, out_path: str | Path, calibration_u8) -
     QDQ format, int8 weights per output channel, uint8 activations (min/max calibration). Metadata is kept.
     """
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     x = np.ascontiguousarray(calibration_u8, dtype=np.uint8)

@@ -11,11 +11,19 @@ import numpy as np
 import torch
 
 from pneumoscope.data.folders import patient_id_from_name
-from pneumoscope.data.images import check_intensity, is_dicom_path, load_uint8, read_image, resize_uint8, to_uint8
+from pneumoscope.data.images import (
+    check_intensity,
+    is_dicom_path,
+    load_uint8,
+    read_image,
+    resize_uint8,
+    to_uint8,
+)
 from pneumoscope.data.quality import file_warnings, image_warnings
 from pneumoscope.errors import ImageReadError
 from pneumoscope.inference.adapt import adapt_batch
-from pneumoscope.inference.embedding import EmbeddingReference, embed
+from pneumoscope.inference.assess import NOT_ASSESSED, Assessment, assess
+from pneumoscope.inference.embedding import EmbeddingReference, reference_features
 from pneumoscope.inference.runtime import pneumonia_score, predict_logits, softmax
 from pneumoscope.models.preprocess import Preprocess
 
@@ -54,18 +62,23 @@ class Predictor:
 
     def input_warnings(self, item, u8: np.ndarray, meta: dict) -> list[str]:
         """Model-free quality / out-of-distribution flags (blank, photo-like colour, exposure, polarity...)."""
-        if isinstance(item, (str, Path)) and meta.get("format") != "DICOM" and not is_dicom_path(Path(item)):
+        if isinstance(item, (str, Path)):  # the original file (colour, full resolution), as the service's upload
             return file_warnings(item)
-        return list(meta.get("warnings", [])) + image_warnings(np.asarray(item) if not isinstance(item, (str, Path)) else u8, meta)
+        return list(meta.get("warnings", [])) + image_warnings(np.asarray(item), meta)
 
-    def embedding_warnings(self, batch_u8: np.ndarray) -> list[list[str]]:
-        """Flags for images far from the training images in the model's embedding space (needs ``ood_reference``)."""
+    def ood_scores(self, batch_u8: np.ndarray) -> np.ndarray | None:
+        """Out-of-distribution score per image (distance to the training images / the reference's threshold:
+        > 1 = out of distribution), or None when the model ships no reference."""
         if self.ood_reference is None:
-            return [[] for _ in batch_u8]
-        d = self.ood_reference.distance(embed(self, batch_u8))
-        t = self.ood_reference.threshold
-        return [[f"out of distribution: embedding distance {x:.1f} > {t:.1f} (99th percentile of training images); "
-                 "the model may not apply to this image"] if x > t else [] for x in np.atleast_1d(d)]
+            return None
+        ref = self.ood_reference
+        return np.atleast_1d(ref.distance(reference_features(self, batch_u8, ref.features))) / ref.threshold
+
+    def assess(self, batch_u8: np.ndarray, quality: list[list[str]]) -> list[Assessment]:
+        """``inference.assess.assess`` of each image of a batch: its quality flags and its OOD score."""
+        scores = self.ood_scores(batch_u8)
+        return [assess(q, None if scores is None else float(s)) for q, s in
+                zip(quality, scores if scores is not None else [None] * len(quality))]
 
     def logits(self, batch_u8: np.ndarray) -> np.ndarray:
         if self.backend is not None:
@@ -73,9 +86,14 @@ class Predictor:
         x = torch.from_numpy(np.ascontiguousarray(self.preprocess.standardise(np.asarray(batch_u8)))).unsqueeze(1)
         return predict_logits(self.model, x, self.preprocess, self.device, self.amp)
 
-    def predict(self, items: list, batch_size: int = 16, adapt: str | None = None) -> list[dict]:
-        """One dict per input: probability (raw and calibrated), label at the stored threshold, or an error.
+    def predict(self, items: list, batch_size: int = 16, adapt: str | None = None,
+                quality: list[list[str] | None] | None = None) -> list[dict]:
+        """One dict per input: probability (raw and calibrated), label at the stored threshold (``not assessed``
+        with ``not_assessed_reason`` when the model cannot assess the image: inference/assess.py), ``warnings``,
+        ``ood_score`` and ``out_of_distribution``; or an error.
 
+        ``quality``: the model-free flags of each item when the caller computed them from the original (the service:
+        ``data.quality.bytes_warnings`` of the upload, as ``file_warnings`` of the same file here).
         ``adapt`` (prior | bn | both; opt-in, inference/adapt.py): the readable inputs are one batch from a new site;
         each result then also holds ``adapted_probability`` and its label comes from it (and says so)."""
         if isinstance(items, (str, Path, np.ndarray)):
@@ -91,7 +109,8 @@ class Predictor:
                 u8, meta = self.prepare(item)
                 if meta.get("patient_id"):
                     r["patient_id"] = meta["patient_id"]
-                r["warnings"] = self.input_warnings(item, u8, meta)
+                known = quality[i] if quality is not None else None
+                r["warnings"] = list(known) if known is not None else self.input_warnings(item, u8, meta)
                 ready.append((i, u8))
             except ImageReadError as e:
                 log.warning("cannot read %s: %s", name, e)
@@ -101,8 +120,10 @@ class Predictor:
             chunk = ready[start:start + batch_size]
             batch = np.stack([u for _, u in chunk])
             logits = self.logits(batch)
-            for (i, _), w in zip(chunk, self.embedding_warnings(batch)):
-                results[i]["warnings"] += w
+            for (i, _), a in zip(chunk, self.assess(batch, [results[i]["warnings"] for i, _ in chunk])):
+                results[i].update(warnings=a.warnings, ood_score=a.ood_score, out_of_distribution=a.out_of_distribution)
+                if not a.assessed:
+                    results[i]["not_assessed_reason"] = a.reason
             raw = pneumonia_score(logits)
             cal = pneumonia_score(logits, self.temperature, self.calibration_bias) if self.temperature else raw
             for (i, _), lg, p_raw, p_cal in zip(chunk, logits, raw, cal):
@@ -110,7 +131,8 @@ class Predictor:
                 r["probability"] = float(p_raw)
                 r["calibrated_probability"] = float(p_cal) if self.temperature else None
                 score = p_cal if self.temperature else p_raw
-                r["label"] = "PNEUMONIA" if score >= self.threshold else "NORMAL"
+                r["label"] = ("PNEUMONIA" if score >= self.threshold else "NORMAL") if "not_assessed_reason" not in r \
+                    else NOT_ASSESSED
                 r["threshold"] = self.threshold
                 if len(self.label_names) > 2:
                     probs = softmax(lg[None] / (self.temperature or 1.0))[0]
@@ -121,7 +143,8 @@ class Predictor:
             for (i, _), q in zip(ready, p):
                 r = results[i]
                 r["adapted_probability"], r["adaptation"] = float(q), adapt
-                r["label"] = "PNEUMONIA" if q >= self.threshold else "NORMAL"
+                if r["label"] != NOT_ASSESSED:
+                    r["label"] = "PNEUMONIA" if q >= self.threshold else "NORMAL"
                 r["warnings"].append(f"label from the probability adapted to this batch of {info['n']} images "
                                      f"(--adapt-to-batch {adapt}); calibrated_probability is the plain model's")
         return results

@@ -9,7 +9,12 @@ from torch import nn
 from pneumoscope.errors import CheckpointError, ConfigError
 from pneumoscope.models.layers import Classifier, LinearHead, ModelSpec
 from pneumoscope.models.names import DEFAULT_INPUT_SIZE
-from pneumoscope.models.preprocess import EFFNET_LITE_RGB_MEAN, EFFNET_LITE_RGB_STD, Preprocess, grey_imagenet
+from pneumoscope.models.preprocess import (
+    EFFNET_LITE_RGB_MEAN,
+    EFFNET_LITE_RGB_STD,
+    Preprocess,
+    grey_imagenet,
+)
 from pneumoscope.models.weights import read_state_dict
 
 

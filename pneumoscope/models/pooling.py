@@ -48,7 +48,9 @@ def _kernels():
         return None
     # numba's OpenMP layer shares the libgomp that PyTorch loaded, so the two never run rival thread pools
     numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
-    from pneumoscope.models import _pool_kernels  # compiles with numba at import: loaded on first use only
+    from pneumoscope.models import (
+        _pool_kernels,  # compiles with numba at import: loaded on first use only
+    )
 
     return numba, _pool_kernels
 

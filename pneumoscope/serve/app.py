@@ -11,16 +11,27 @@ import asyncio
 import base64
 import logging
 import time
+from collections import deque
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from fastapi import APIRouter, FastAPI, File, HTTPException, Query, Response, Security, UploadFile
+from fastapi import (
+    APIRouter,
+    FastAPI,
+    File,
+    HTTPException,
+    Query,
+    Response,
+    Security,
+    UploadFile,
+)
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
+from scipy.stats import binom
 from starlette.concurrency import run_in_threadpool
 
 from pneumoscope.data.images import read_image_bytes, resize_uint8, to_uint8
@@ -35,6 +46,7 @@ from pneumoscope.serve.worker import ModelWorker
 log = logging.getLogger(__name__)
 
 MAX_FILES = 16               # files per request
+SITE_WINDOW, SITE_MIN = 50, 20  # site-level shift warning: over the last 50 uploads, once there are 20
 STATIC_DIR = Path(__file__).parent / "static"
 AUTH = [Security(api_key_header)]  # documents the header in OpenAPI; Guard enforces it
 
@@ -56,6 +68,7 @@ class Service:
     model: ModelRecord
     api_key: str | None
     pseudonymize_salt: str | None
+    recent: deque = field(default_factory=lambda: deque(maxlen=SITE_WINDOW))  # OOD flags of the latest uploads
 
     @property
     def info(self) -> dict:
@@ -67,7 +80,9 @@ class Service:
 
     def record(self, u: Upload, r: dict, latency_ms: float, png: bytes | None) -> PredictionRecord:
         """The database rows of one predicted upload (identifiers pseudonymised when the service does that)."""
-        study = u.study
+        # one list of warnings, the predictor's (inference/assess.py): quality of the upload (DICOM reader
+        # warnings included, as for the file on the command line) and out of distribution
+        study = replace(u.study, warnings=list(r.get("warnings", [])))
         if self.pseudonymize_salt is not None:
             salt = self.pseudonymize_salt
             study = replace(study, patient_id=study.patient_id and "hmac-sha256:" + pseudonym(salt, study.patient_id),
@@ -75,6 +90,21 @@ class Service:
         return PredictionRecord(study=study, probability=r["probability"],
                                 calibrated_probability=r["calibrated_probability"], threshold=r["threshold"],
                                 label=r["label"], latency_ms=latency_ms, heatmap_png=png)
+
+    def site_warning(self, flags: list[bool]) -> str | None:
+        """Record the out-of-distribution flags of new uploads; a warning when the recent ones are flagged far more
+        often than the reference's false-flag rate (binomial test, p < 0.01, at least SITE_MIN uploads)."""
+        self.recent.extend(flags)
+        ref = self.predictor.ood_reference
+        n, k = len(self.recent), sum(self.recent)
+        if ref is None or n < SITE_MIN:
+            return None
+        p = float(binom.sf(k - 1, n, 1.0 - ref.quantile))
+        if p >= 0.01:
+            return None
+        return (f"site-level shift: {k} of the last {n} uploads are not like the training images (expected about "
+                f"{100 * (1 - ref.quantile):.0f} %; p = {p:.1e}): this model may not apply to this site's images; "
+                "validate it on labelled local images before relying on it")
 
     def study_or_404(self, study_id: str) -> dict:
         s = self.db.study(study_id)
@@ -159,7 +189,7 @@ def _page_routes(svc: Service) -> APIRouter:
         return {"status": "ok", "api_key_required": svc.api_key is not None,
                 "model": {"name": info["name"], "version": info.get("version"), "checksum": info["checksum"],
                           "threshold": svc.predictor.threshold, "input_size": svc.size},
-                "database": {"schema_version": svc.db.version}}
+                "database": {"schema_version": svc.db.version}, "site_warning": svc.site_warning([])}
 
     return router
 
@@ -180,7 +210,8 @@ def _predict_route(svc: Service) -> APIRouter:
         decoded = [await run_in_threadpool(decode_upload, data, name, ctype, svc.size) for data, name, ctype in uploads]
         del uploads
         t.append(time.perf_counter())
-        results = await asyncio.wrap_future(svc.worker.submit([d.model_u8 for d in decoded], heatmaps=heatmap))
+        results = await asyncio.wrap_future(svc.worker.submit([d.model_u8 for d in decoded], heatmaps=heatmap,
+                                                              quality=[d.quality for d in decoded]))
         t.append(time.perf_counter())
         overlays = [None if r["heat"] is None else await run_in_threadpool(heatmap_overlay, d.view_u8, r["heat"])
                     for d, r in zip(decoded, results)]
@@ -193,8 +224,9 @@ def _predict_route(svc: Service) -> APIRouter:
         response.headers["Server-Timing"] = ", ".join(f"{n};dur={(b - a) * 1000:.1f}"
                                                       for n, a, b in zip(stages, t, t[1:]))
         out = [_result(d, e, r, s) for d, e, r, s in zip(decoded, records, results, stored)]
+        site = svc.site_warning([bool(r.get("out_of_distribution")) for r in results])
         return {"model": {"name": svc.model.name, "version": svc.model.version, "checksum": svc.model.checksum},
-                "latency_ms": latency_ms, "results": out}
+                "latency_ms": latency_ms, "results": out, "site_warning": site}
 
     return router
 
@@ -213,7 +245,8 @@ def _result(d: Upload, e: PredictionRecord, r: dict, s: dict) -> dict:
         "calibrated_probability": e.calibrated_probability, "label": e.label, "threshold": e.threshold,
         "heatmap_png_base64": None if e.heatmap_png is None else base64.b64encode(e.heatmap_png).decode(),
         "image_url": f"/studies/{sid}/image.png", "heatmap_url": f"/studies/{sid}/heatmap.png",
-        "report_url": f"/studies/{sid}/report", "warnings": warnings,
+        "report_url": f"/studies/{sid}/report", "warnings": warnings, "ood_score": r.get("ood_score"),
+        "out_of_distribution": r.get("out_of_distribution"), "not_assessed_reason": r.get("not_assessed_reason"),
     }
 
 

@@ -199,7 +199,7 @@ def render_html(report: dict) -> str:
     figure = ("<p>No heatmap was computed for this prediction.</p>" if heat is None else
               f'<figure><img alt="Grad-CAM heatmap over the X-ray" src="data:image/png;base64,{e(heat["png_base64"])}">'
               "<figcaption>Grad-CAM: the regions that drive the score, not a delineation of disease.</figcaption></figure>")
-    label_class = "pos" if r["label"] == "PNEUMONIA" else "neg"
+    label_class = {"PNEUMONIA": "pos", "NORMAL": "neg"}.get(r["label"], "na")  # "not assessed": no diagnosis
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
@@ -208,7 +208,7 @@ def render_html(report: dict) -> str:
 body{{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}}
 table{{border-collapse:collapse}} th,td{{text-align:left;padding:.25rem .75rem;border-bottom:1px solid #ddd;vertical-align:top}}
 th{{font-weight:600;white-space:nowrap}} td{{word-break:break-all}} img{{max-width:100%;max-height:32rem}}
-.label{{font-size:1.5rem;font-weight:700}} .pos{{color:#b00020}} .neg{{color:#1b5e20}}
+.label{{font-size:1.5rem;font-weight:700}} .pos{{color:#b00020}} .neg{{color:#1b5e20}} .na{{color:#5f6368;font-style:italic}}
 .disclaimer{{border:2px solid #b00020;padding:.75rem;font-weight:600}}
 </style></head><body>
 <h1>Chest X-ray: pneumonia decision support</h1>

@@ -20,6 +20,7 @@ from pneumoscope.data.images import (
     resize_uint8,
     to_uint8,
 )
+from pneumoscope.data.quality import bytes_warnings
 from pneumoscope.errors import ImageReadError, ImageTooLargeError
 from pneumoscope.serve.db import StudyRecord
 from pneumoscope.trust.explain import overlay_png
@@ -86,6 +87,7 @@ class Upload:
     study: StudyRecord
     view_u8: np.ndarray  # the viewer copy (longest side <= VIEW_SIDE), stored as study.image_png
     model_u8: np.ndarray  # the model's S x S input
+    quality: list[str]  # model-free flags of the original (data.quality.bytes_warnings: as `predict` on the file)
 
 
 def decode_upload(data: bytes, filename: str | None, content_type: str | None, size: int) -> Upload:
@@ -106,6 +108,7 @@ def decode_upload(data: bytes, filename: str | None, content_type: str | None, s
         full = to_uint8(img)
         del img
         model_u8 = _model_input(data, name, fmt, full, size)
+        quality = bytes_warnings(data, name)
     except ImageTooLargeError as e:
         raise HTTPException(422, f"image too large, refused as a possible decompression bomb: {e}") from e
     except ImageReadError as e:  # corrupt JPEG/PNG, malformed DICOM, not a radiograph, ...
@@ -117,7 +120,7 @@ def decode_upload(data: bytes, filename: str | None, content_type: str | None, s
                         patient_id=meta.get("patient_id"), study_uid=meta.get("study_uid"),
                         modality=meta.get("modality"), manufacturer=meta.get("manufacturer"),
                         device_model=meta.get("device_model"))
-    return Upload(name=name, study=study, view_u8=view, model_u8=model_u8)
+    return Upload(name=name, study=study, view_u8=view, model_u8=model_u8, quality=quality)
 
 
 def heatmap_overlay(view_u8: np.ndarray, heat: np.ndarray) -> bytes:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pneumoscope.inference.assess import NOT_ASSESSED
 from pneumoscope.trust.explain import heatmaps
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 class _Job:
     images: list[np.ndarray]
     heatmaps: bool
+    quality: list[list[str]] | None
     future: Future = field(default_factory=Future)
 
 
@@ -35,14 +37,15 @@ class ModelWorker:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def submit(self, images: list[np.ndarray], heatmaps: bool = False) -> Future:
+    def submit(self, images: list[np.ndarray], heatmaps: bool = False,
+               quality: list[list[str]] | None = None) -> Future:
         """A future of one dict per image: ``Predictor.predict``'s fields plus ``heat`` (S, S) or None and
         ``heat_error`` when the heatmap could not be computed."""
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="pneumoscope-model", daemon=True)
                 self._thread.start()
-        job = _Job(images, heatmaps)
+        job = _Job(images, heatmaps, quality)
         self._q.put(job)
         return job.future
 
@@ -84,9 +87,11 @@ class ModelWorker:
 
     def _compute(self, jobs: list[_Job]) -> list[list[dict]]:
         images = [im for j in jobs for im in j.images]
-        results = self.predictor.predict(images)
+        quality = [q for j in jobs for q in (j.quality or [None] * len(j.images))]
+        results = self.predictor.predict(images, quality=quality)
         owners = [j for j in jobs for _ in j.images]
-        wanted = [i for i, j in enumerate(owners) if j.heatmaps]
+        # no heatmap for an image the model cannot assess: it would explain a meaningless output
+        wanted = [i for i, j in enumerate(owners) if j.heatmaps and results[i].get("label") != NOT_ASSESSED]
         heat: dict[int, np.ndarray] = {}
         heat_error = None
         if wanted:
@@ -98,7 +103,7 @@ class ModelWorker:
                 heat_error = f"heatmap unavailable ({type(e).__name__}: {e})"
         for i, r in enumerate(results):
             r["heat"] = heat.get(i)
-            if owners[i].heatmaps and i not in heat:
+            if i in wanted and i not in heat:
                 r["heat_error"] = heat_error
         out, start = [], 0
         for j in jobs:

@@ -17,7 +17,12 @@ import torch.nn.functional as F
 from pneumoscope.config import TrainConfig
 from pneumoscope.data.splits import split_samples
 from pneumoscope.evaluation.metrics import binary_metrics, choose_threshold
-from pneumoscope.inference.runtime import normalize, pick_device, pneumonia_score, predict_logits
+from pneumoscope.inference.runtime import (
+    normalize,
+    pick_device,
+    pneumonia_score,
+    predict_logits,
+)
 from pneumoscope.models.checkpoint import load_checkpoint, model_from_checkpoint
 from pneumoscope.models.preprocess import Preprocess
 from pneumoscope.training.data import decode

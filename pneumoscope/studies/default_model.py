@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pneumoscope.inference.default_model import DEFAULT_CONFIG, DEFAULT_MODEL, RESOURCES, pack
+from pneumoscope.inference.default_model import (
+    DEFAULT_CONFIG,
+    DEFAULT_MODEL,
+    RESOURCES,
+    pack,
+)
 from pneumoscope.training.loop import train
 from pneumoscope.trust.ood import reference_for_checkpoint
 

@@ -34,7 +34,12 @@ from pneumoscope.data.digest import file_digest
 from pneumoscope.data.folders import expand_paths, scan
 from pneumoscope.evaluation.calibration import expected_calibration_error
 from pneumoscope.evaluation.evaluate import evaluation_samples
-from pneumoscope.evaluation.metrics import auc_from_counts, binary_metrics, bootstrap_ci, choose_threshold
+from pneumoscope.evaluation.metrics import (
+    auc_from_counts,
+    binary_metrics,
+    bootstrap_ci,
+    choose_threshold,
+)
 from pneumoscope.inference.loader import load
 from pneumoscope.inference.runtime import pneumonia_score
 from pneumoscope.models.checkpoint import load_checkpoint

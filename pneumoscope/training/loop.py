@@ -21,10 +21,20 @@ from pneumoscope.data.prefetch import Prefetch
 from pneumoscope.evaluation.report import plot_history
 from pneumoscope.inference.runtime import normalize, predict_logits
 from pneumoscope.models.checkpoint import load_checkpoint
-from pneumoscope.models.weights import apply_trainable, param_groups, set_backbone_trainable
+from pneumoscope.models.weights import (
+    apply_trainable,
+    param_groups,
+    set_backbone_trainable,
+)
 from pneumoscope.training.augment import augment_batch
 from pneumoscope.training.checkpoint import TrainState, save_epoch, weights_digest
-from pneumoscope.training.history import best_val_logits, epoch_line, val_at_threshold, validation_scores, write_history
+from pneumoscope.training.history import (
+    best_val_logits,
+    epoch_line,
+    val_at_threshold,
+    validation_scores,
+    write_history,
+)
 from pneumoscope.training.losses import make_loss
 from pneumoscope.training.setup import Run, start_run
 

@@ -1,5 +1,12 @@
 """Compare two image folders (``pneumoscope data compare``): intensity histograms, original sizes, quality flags,
-and model embeddings (Fréchet distance, Mahalanobis distance to a reference fitted on the first folder)."""
+a two-sample test for dataset shift, and model embeddings (Fréchet distance, Mahalanobis distance to a reference
+fitted on the first folder).
+
+The shift test ("Failing Loudly", Rabanser et al., NeurIPS 2019): maximum mean discrepancy (MMD, Gaussian kernel,
+median-distance bandwidth) between the two folders' generic ImageNet feature statistics (inference/features.py),
+standardised by the reference folder, with a permutation p-value. ``shift_detected`` = p < ``alpha``. The target
+needs no labels: a new site's folder of images is enough.
+"""
 from __future__ import annotations
 
 import json
@@ -17,6 +24,7 @@ from pneumoscope.data.quality import image_warnings
 from pneumoscope.data.summary import image_size
 from pneumoscope.errors import DatasetLayoutError
 from pneumoscope.inference.embedding import EmbeddingReference, embed, feature_layer
+from pneumoscope.inference.features import NAME, features
 from pneumoscope.inference.loader import load
 
 
@@ -39,6 +47,39 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     m = r1 @ s2 @ r1
     tr_covmean = float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2.0), 0.0, None)).sum())
     return float(max(0.0, ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean))
+
+
+def mmd_test(a: np.ndarray, b: np.ndarray, permutations: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """(unbiased MMD^2, permutation p-value) of feature sets a (N, D) and b (M, D); features standardised by a."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    mu, sd = a.mean(0), a.std(0) + 1e-6
+    z = np.concatenate([(a - mu) / sd, (b - mu) / sd])
+    sq = (z * z).sum(1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * z @ z.T, 0.0)
+    bandwidth = np.median(d2[np.triu_indices(len(z), 1)]) or 1.0
+    k = np.exp(-d2 / bandwidth)
+    n = len(a)
+
+    def mmd2(idx: np.ndarray) -> float:
+        x, y = idx[:n], idx[n:]
+        kxx, kyy, kxy = k[np.ix_(x, x)], k[np.ix_(y, y)], k[np.ix_(x, y)]
+        m1, m2 = len(x), len(y)
+        return float((kxx.sum() - np.trace(kxx)) / (m1 * (m1 - 1)) + (kyy.sum() - np.trace(kyy)) / (m2 * (m2 - 1))
+                     - 2 * kxy.mean())
+
+    observed = mmd2(np.arange(len(z)))
+    rng = np.random.default_rng(seed)
+    null = np.array([mmd2(rng.permutation(len(z))) for _ in range(permutations)])
+    return observed, float((1 + (null >= observed).sum()) / (1 + permutations))
+
+
+def shift_test(ref_u8: np.ndarray, tgt_u8: np.ndarray, alpha: float = 0.01, permutations: int = 1000,
+               seed: int = 0) -> dict:
+    """The batch-level shift test of two sets of uint8 images (any size): MMD on generic features."""
+    mmd2, p = mmd_test(features(ref_u8), features(tgt_u8), permutations, seed)
+    return {"method": f"MMD, Gaussian kernel, permutation test ({permutations}) on {NAME}", "mmd2": mmd2,
+            "p_value": p, "alpha": alpha, "shift_detected": bool(p < alpha), "n_reference": int(len(ref_u8)),
+            "n_target": int(len(tgt_u8))}
 
 
 def _pick(folder: str | Path, limit: int, seed: int) -> list[Path]:
@@ -69,6 +110,7 @@ def _describe(paths: list[Path], progress: bool) -> dict:
     short = np.array([min(s) for s in sizes if s], dtype=np.float64)
     aspect = np.array([s[1] / s[0] for s in sizes if s], dtype=np.float64)
     return {"n": int(len(imgs)), "unreadable": [str(p) for p, _ in d.errors], "hist": hist, "short_side": short,
+            "images": imgs,
             "summary": {"n": int(len(imgs)), "mean_intensity": float(imgs.mean() / 255.0) if len(imgs) else None,
                         "short_side_median": float(np.median(short)) if short.size else None,
                         "short_side_min": float(short.min()) if short.size else None,
@@ -78,7 +120,8 @@ def _describe(paths: list[Path], progress: bool) -> dict:
 
 
 def data_compare(reference_dir: str | Path, target_dir: str | Path, checkpoint: str | Path | None = None,
-                 out: str | Path | None = None, limit: int = 500, seed: int = 0, progress: bool = False) -> dict:
+                 out: str | Path | None = None, limit: int = 500, seed: int = 0, progress: bool = False,
+                 alpha: float = 0.01) -> dict:
     """Compare two image folders (at most ``limit`` seeded-random files each, sub-folders included).
 
     - intensity: Jensen-Shannon distance (base 2, 0..1) and Wasserstein distance (intensity units 0..1) of the
@@ -88,6 +131,8 @@ def data_compare(reference_dir: str | Path, target_dir: str | Path, checkpoint: 
     - with ``checkpoint``: Fréchet distance of the model embeddings, and the Mahalanobis distance of target
       images to an ``EmbeddingReference`` fitted on the reference images (mean, and fraction beyond its 99th
       percentile: about 0.01 when the target is like the reference).
+
+    - ``shift_test`` / ``shift_detected`` / ``p_value``: the batch-level two-sample test (module docstring) at ``alpha``.
 
     With ``out``: writes compare.json, compare.md and compare.png there. Returns the JSON-ready dict.
     """
@@ -104,6 +149,8 @@ def data_compare(reference_dir: str | Path, target_dir: str | Path, checkpoint: 
                                 if ref["short_side"].size and tgt["short_side"].size else None),
         "unreadable": ref["unreadable"] + tgt["unreadable"],
     }
+    test = shift_test(ref["images"], tgt["images"], alpha=alpha, seed=seed)
+    result.update(shift_test=test, shift_detected=test["shift_detected"], p_value=test["p_value"])
     if checkpoint is not None:
         result.update(_embedding_compare(checkpoint, ref_paths, tgt_paths, progress))
     if out is not None:
@@ -137,7 +184,7 @@ def _write_compare(r: dict, h_ref, h_tgt, s_ref, s_tgt, out: Path) -> None:
              "| | reference | target |", "| --- | ---: | ---: |"]
     lines += [f"| {k.replace('_', ' ')} | {f(rs[k])} | {f(ts[k])} |" for k in rs]
     lines += ["", "| distance | value |", "| --- | ---: |"]
-    keys = ["intensity_js", "intensity_wasserstein", "size_wasserstein_px", "embedding_frechet",
+    keys = ["p_value", "shift_detected", "intensity_js", "intensity_wasserstein", "size_wasserstein_px", "embedding_frechet",
             "mahalanobis_reference_mean", "mahalanobis_target_mean", "mahalanobis_threshold", "target_flagged_fraction"]
     lines += [f"| {k} | {f(r[k])} |" for k in keys if k in r]
     (out / "compare.md").write_text("\n".join(lines) + "\n")

@@ -31,6 +31,7 @@ from torch import nn
 from pneumoscope.data.folders import expand_paths
 from pneumoscope.data.images import read_image, to_uint8
 from pneumoscope.errors import ImageReadError
+from pneumoscope.inference.assess import NOT_ASSESSED
 from pneumoscope.inference.loader import load
 from pneumoscope.inference.runtime import normalize
 
@@ -131,14 +132,24 @@ def explain(checkpoint: str | Path | None, paths: list[str | Path], out_dir: str
             device: str = "auto") -> list[Path]:
     """Write ``<stem>_gradcam.png`` into ``out_dir`` for every image/DICOM file (folders are expanded).
 
-    ``checkpoint=None`` explains the bundled default model. Unreadable files are logged and skipped.
+    ``checkpoint=None`` explains the bundled default model. Unreadable files are logged and skipped; so are images
+    the model cannot assess (inference/assess.py), with their reason; every warning of ``predict`` is logged.
     """
 
     predictor = load(checkpoint, device=device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    files = expand_paths(list(paths))
     written: list[Path] = []
-    for p in expand_paths(list(paths)):
+    for p, r in zip(files, predictor.predict(files)):  # the warnings and "not assessed" of predict (assess.py)
+        if "error" in r:
+            log.warning("cannot explain %s: %s", p, r["error"])
+            continue
+        for w in r["warnings"]:
+            log.warning("%s: %s", p, w)
+        if r["label"] == NOT_ASSESSED:
+            log.warning("%s: not assessed, no heatmap written: %s", p, r["not_assessed_reason"])
+            continue
         try:
             image, heat = heatmap_for_file(predictor, p)
         except ImageReadError as e:
