@@ -47,6 +47,8 @@ def test_viewer_upload_heatmap_slider_review(system_program, server_factory, jpe
             row = page.locator("#studies tbody tr")
             expect(row).to_have_count(1)
             expect(row.locator(".review-cell")).to_have_text("not reviewed")
+            expect(row.locator(".file-cell")).to_have_text(jpegs[1].name)  # rows are told apart by file name
+            expect(row.locator(".patient-cell")).to_have_text("–")  # a JPEG has no patient id
             page.fill("#reviewer", "Dr Playwright")
             page.click("#agree")
             expect(page.locator("#review-status")).to_have_text("agreed (Dr Playwright)")
