@@ -107,6 +107,16 @@ class Server:
             self.log.flush()
         return (self.cwd / "server.log").read_text(errors="replace")[-4000:]
 
+    def worker_pids(self) -> list[int]:
+        """The uvicorn worker processes of ``--workers N`` (children started by multiprocessing's spawn)."""
+        pids = []
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            for pid in (task / "children").read_text().split():
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if b"spawn_main" in cmd and b"resource_tracker" not in cmd:
+                    pids.append(int(pid))
+        return pids
+
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)

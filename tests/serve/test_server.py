@@ -3,6 +3,8 @@ a burst of concurrent uploads that must leave an intact database holding every a
 and on PostgreSQL (``study_db``), and with ``--workers 2``."""
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -59,8 +61,10 @@ def test_real_server_predicts_a_shared_jpeg_and_dicom(server_factory, study_db, 
     assert intact(study_db)
 
 
-def test_sigkill_during_a_burst_loses_no_answered_prediction(server_factory, study_db, jpegs):
-    s = server_factory(db=study_db)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_during_a_burst_loses_no_answered_prediction(server_factory, study_db, workers, jpegs):
+    """``workers=1``: the server process is SIGKILLed; ``workers=2``: one of its two worker processes is."""
+    s = server_factory(db=study_db, extra=["--workers", str(workers)])
     answered: list[tuple[int, str]] = []
     failures: list[str] = []
     lock, stop = threading.Lock(), threading.Event()
@@ -88,10 +92,16 @@ def test_sigkill_during_a_burst_loses_no_answered_prediction(server_factory, stu
     deadline = time.monotonic() + 90
     while len(answered) < 30 and time.monotonic() < deadline and not failures:
         time.sleep(0.05)
-    s.kill()  # SIGKILL while the clients are still sending
+    if workers == 1:
+        s.kill()  # SIGKILL while the clients are still sending
+    else:
+        pids = s.worker_pids()
+        assert len(pids) == 2, (pids, s.output())
+        os.kill(pids[0], signal.SIGKILL)
     stop.set()
     for t in threads:
         t.join(60)
+    s.stop()  # the other worker: shut down gracefully
     assert failures == [] and len(answered) >= 30, (failures[:3], len(answered), s.output())
 
     assert intact(study_db)
