@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
 
 from pneumoscope.errors import ConfigError
@@ -29,16 +30,27 @@ def is_url(db: str | Path) -> bool:
 
 def describe(db: str | Path) -> str:
     """``db`` for messages and logs: a URL without its password."""
-    return make_url(str(db)).render_as_string(hide_password=True) if is_url(db) else str(db)
+    if not is_url(db):
+        return str(db)
+    try:
+        return make_url(str(db)).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(an invalid URL)"
 
 
 def engine_for(db: str | Path) -> Engine:
     """An engine on ``db`` (path or URL). Connections are not pooled: ``StudyDB`` keeps one per thread."""
     if is_url(db):
-        url = make_url(str(db))
-        if url.get_backend_name() == "sqlite":
-            return engine_for(url.database or "")
-        return create_engine(url, poolclass=NullPool)
+        try:
+            url = make_url(str(db))
+            if url.get_backend_name() == "sqlite":
+                return engine_for(url.database or "")
+            if url.drivername == "postgresql":  # SQLAlchemy's default driver is psycopg2; the serve extra has psycopg 3
+                url = url.set(drivername="postgresql+psycopg")
+            return create_engine(url, poolclass=NullPool)
+        except (ArgumentError, ImportError) as e:
+            raise ConfigError(f"study database URL {describe(db)}: {e}; pass a path (SQLite) or "
+                              "postgresql+psycopg://user@host:port/name") from None
     path = Path(db)
     if not str(db) or not path.parent.is_dir():
         raise ConfigError(f"study database {path}: the folder {path.parent} does not exist; create it "

@@ -237,3 +237,18 @@ def test_same_file_from_two_processes_at_once_is_one_study(study_db):
     assert row["n_predictions"] == 8 and row["filename"].startswith("copy") and row["patient_id"] == "P1"
     for db in dbs:
         db.close()
+
+
+def test_urls(postgres):
+    from pneumoscope.serve.schema import describe
+
+    url = postgres.create_database()
+    plain = url.replace("postgresql+psycopg://", "postgresql://")  # SQLAlchemy's default driver would be psycopg2
+    db = StudyDB(plain)
+    assert db.dialect == "postgresql" and db.version == len(revisions())
+    db.close()
+    assert describe("postgresql+psycopg://u:secret@h/x") == "postgresql+psycopg://u:***@h/x"
+    with pytest.raises(ConfigError, match="study database URL"):
+        StudyDB("nosuchdialect://x/y")
+    with pytest.raises(ConfigError, match=r"cannot open the study database postgresql\+psycopg://u:\*\*\*@127.0.0.1:1/x"):
+        StudyDB("postgresql+psycopg://u:secret@127.0.0.1:1/x")
