@@ -1,11 +1,15 @@
 """Load test of ``pneumoscope serve``: N concurrent clients x M requests each, with and without heatmaps.
 
-Starts ``python -m pneumoscope serve --checkpoint CKPT`` on 127.0.0.1 (a free port, a fresh database in a
-temporary folder), uploads real chest X-ray JPEGs one per request, and prints per phase the throughput, p50/p99
-latency and errors; then checks that the database holds exactly one prediction row per successful request.
+Starts ``python -m pneumoscope serve --checkpoint CKPT [--workers W]`` on 127.0.0.1 (a free port, a fresh
+database: a SQLite file in a temporary folder, or with ``--db postgresql`` a temporary PostgreSQL server of its own,
+pneumoscope/serve/pgtemp.py), uploads real chest X-ray JPEGs one per request, and prints per phase the
+throughput, p50/p99 latency and errors. The first ``--same-image-clients`` clients upload one and the same image
+at the same moments. Then it checks the database: exactly one prediction row per successful request, and per
+phase exactly one study of the shared image and one per other distinct image.
 
     python benchmarks/service_load.py --checkpoint runs/seed_cnn/best.pt --clients 20 --requests 10
     python benchmarks/service_load.py --checkpoint best.pt --heatmap false --target-p99-ms 250
+    python benchmarks/service_load.py --checkpoint best.pt --workers 2 --db postgresql --clients 40 --heatmap false
 
 Exit status 1 when a request failed, the database disagrees, or p99 misses --target-p99-ms.
 """
@@ -14,8 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import hashlib
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -25,6 +29,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from sqlalchemy import text
+
+from pneumoscope.serve.pgtemp import TempPostgres
+from pneumoscope.serve.schema import engine_for
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = Path(os.environ.get("PNEUMOSCOPE_SHARED_DATA", REPO.parent / "shared" / "data")) / "chest_xray" / "train"
@@ -36,14 +44,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint: Path, db: Path, port: int, log_path: Path, threads: int | None) -> subprocess.Popen:
+def start_server(checkpoint: Path, db: str, port: int, log_path: Path, threads: int | None,
+                 workers: int = 1) -> subprocess.Popen:
     env = dict(os.environ)
     env.pop("PNEUMOSCOPE_API_KEY", None)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "pneumoscope", "serve", "--checkpoint", str(checkpoint), "--db", str(db),
-           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    proc = subprocess.Popen(cmd, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=env, cwd=db.parent)
+           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--workers", str(workers)]
+    proc = subprocess.Popen(cmd, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=env, cwd=log_path.parent)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -59,12 +68,27 @@ def start_server(checkpoint: Path, db: Path, port: int, log_path: Path, threads:
     raise SystemExit(f"server did not answer /health within 180 s:\n{log_path.read_text()[-3000:]}")
 
 
+def db_counts(db: str, shared_sha: str) -> tuple[int, int, int]:
+    """(prediction rows, studies, studies of the shared image)."""
+    engine = engine_for(db)
+    try:
+        with engine.connect() as c:
+            return (c.execute(text("SELECT count(*) FROM predictions")).scalar_one(),
+                    c.execute(text("SELECT count(*) FROM studies")).scalar_one(),
+                    c.execute(text("SELECT count(*) FROM studies WHERE sha256 = :s"), {"s": shared_sha}).scalar_one())
+    finally:
+        engine.dispose()
+
+
 def run_phase(url: str, payloads: list[tuple[str, bytes]], clients: int, requests: int, heatmap: bool,
-              max_seconds: float) -> dict:
-    """``clients`` threads, each sending up to ``requests`` uploads (stopping at the deadline)."""
+              max_seconds: float, shared: tuple[str, bytes] | None = None, same_image_clients: int = 0) -> dict:
+    """``clients`` threads, each sending up to ``requests`` uploads (stopping at the deadline); the first
+    ``same_image_clients`` send ``shared`` every time (the same file, concurrently). ``names``: the distinct
+    uploads that were answered."""
     latencies: list[float] = []
     stages: dict[str, list[float]] = {}
     errors: list[str] = []
+    answered: set[str] = set()
     lock = threading.Lock()
     deadline = time.monotonic() + max_seconds
     start = threading.Barrier(clients + 1)
@@ -75,7 +99,7 @@ def run_phase(url: str, payloads: list[tuple[str, bytes]], clients: int, request
             for k in range(requests):
                 if time.monotonic() > deadline:
                     return
-                name, data = payloads[(i * requests + k) % len(payloads)]
+                name, data = shared if i < same_image_clients else payloads[(i * requests + k) % len(payloads)]
                 t0 = time.perf_counter()
                 try:
                     r = c.post(f"/predict?heatmap={str(heatmap).lower()}",
@@ -88,6 +112,7 @@ def run_phase(url: str, payloads: list[tuple[str, bytes]], clients: int, request
                 with lock:
                     if ok:
                         latencies.append(dt)
+                        answered.add(name)
                         for part in r.headers.get("server-timing", "").split(","):
                             if ";dur=" in part:
                                 n, d = part.strip().split(";dur=")
@@ -104,7 +129,7 @@ def run_phase(url: str, payloads: list[tuple[str, bytes]], clients: int, request
         t.join()
     wall = time.perf_counter() - t0
     lat = np.array(latencies) if latencies else np.array([float("nan")])
-    return {"heatmap": heatmap, "clients": clients, "ok": len(latencies), "errors": len(errors),
+    return {"heatmap": heatmap, "clients": clients, "ok": len(latencies), "errors": len(errors), "names": answered,
             "first_errors": errors[:3], "seconds": round(wall, 2), "throughput_rps": round(len(latencies) / wall, 1),
             "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1),
             "max_ms": round(float(lat.max()), 1),
@@ -122,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-images", type=int, default=40, help="distinct images uploaded (default 40)")
     p.add_argument("--max-seconds", type=float, default=120.0, help="per phase: no new request after this")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the server")
+    p.add_argument("--workers", type=int, default=1, help="`serve --workers` (default 1)")
+    p.add_argument("--db", default="sqlite", help="sqlite (a temporary file, default), postgresql (a temporary "
+                                                  "server of its own, needs Debian's postgresql), or a --db URL/path")
+    p.add_argument("--same-image-clients", type=int, default=10,
+                   help="this many clients upload one and the same image, concurrently (default 10)")
     p.add_argument("--target-p99-ms", type=float, help="fail when the heatmap=false p99 is above this")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
@@ -131,34 +161,48 @@ def main(argv: list[str] | None = None) -> int:
     payloads = [(f.name, f.read_bytes()) for f in files]
     if not payloads:
         raise SystemExit(f"no .jpeg under {args.images}")
+    chosen = set(files)
+    shared_file = next(f for f in every if f not in chosen)
+    shared = (shared_file.name, shared_file.read_bytes())
+    digest = {n: hashlib.sha256(d).hexdigest() for n, d in [*payloads, shared]}
     phases = {"both": [False, True], "true": [True], "false": [False]}[args.heatmap]
     with tempfile.TemporaryDirectory(prefix="pneumoscope-load-") as tmp:
-        db = Path(tmp) / "load.db"
+        pg = TempPostgres() if args.db == "postgresql" else None
+        db = pg.create_database() if pg else str(Path(tmp) / "load.db") if args.db == "sqlite" else args.db
         port = free_port()
-        proc = start_server(Path(args.checkpoint).resolve(), db, port, Path(tmp) / "server.log", args.threads)
         results = []
         try:
+            proc = start_server(Path(args.checkpoint).resolve(), db, port, Path(tmp) / "server.log", args.threads,
+                                args.workers)
             url = f"http://127.0.0.1:{port}"
-            run_phase(url, payloads, 2, 2, True, 30)  # warm-up (not counted)
-            before = sqlite3.connect(db).execute("SELECT count(*) FROM predictions").fetchone()[0]
+            seen = run_phase(url, payloads, 2, 2, True, 30)["names"]  # warm-up (not counted)
+            before = db_counts(db, digest[shared[0]])[0]
             for heatmap in phases:
-                r = run_phase(url, payloads, args.clients, args.requests, heatmap, args.max_seconds)
-                conn = sqlite3.connect(db)
-                rows = conn.execute("SELECT count(*) FROM predictions").fetchone()[0]
-                conn.close()
-                r["db_rows_added"], r["db_ok"] = rows - before, rows - before == r["ok"]
+                r = run_phase(url, payloads, args.clients, args.requests, heatmap, args.max_seconds, shared,
+                              args.same_image_clients)
+                seen |= r.pop("names")
+                rows, studies, shared_studies = db_counts(db, digest[shared[0]])
+                expected = len({digest[n] for n in seen})
+                r["db_rows_added"], r["studies"], r["shared_image_studies"] = rows - before, studies, shared_studies
+                r["db_ok"] = rows - before == r["ok"] and studies == expected and shared_studies == (
+                    1 if args.same_image_clients and r["ok"] else shared_studies)
+                r["db"], r["workers"] = db.split("://")[0] if "://" in db else "sqlite", args.workers
                 before = rows
                 results.append(r)
         finally:
-            proc.terminate()
-            proc.wait(30)
+            if "proc" in locals():
+                proc.terminate()
+                proc.wait(30)
+            if pg:
+                pg.stop()
     fail = False
     for r in results:
         if args.json:
             continue
         print(f"heatmap={str(r['heatmap']).lower():5s} clients={r['clients']:3d} ok={r['ok']:5d} errors={r['errors']:3d} "
               f"{r['throughput_rps']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
-              f"max {r['max_ms']:7.1f} ms  db rows +{r['db_rows_added']} ({'ok' if r['db_ok'] else 'MISMATCH'})")
+              f"max {r['max_ms']:7.1f} ms  db rows +{r['db_rows_added']}, studies {r['studies']} (shared image: "
+              f"{r['shared_image_studies']}) ({'ok' if r['db_ok'] else 'MISMATCH'})")
         print("   server stages p50/p99 ms:", ", ".join(f"{n} {a}/{b}" for n, (a, b) in r["server_stages_p50_p99_ms"].items()))
         for e in r["first_errors"]:
             print("   error:", e)

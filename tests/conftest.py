@@ -2,12 +2,39 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PNEUMOSCOPE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+REQUIRE_SYSTEM_DEPS = "PNEUMOSCOPE_REQUIRE_SYSTEM_DEPS"
+INSTALL_HINT = "sudo apt-get install {package}, or bash scripts/install-system-deps.sh"
+
+
+def require_program(name: str, package: str, candidates: list[str | Path] = ()) -> Path:
+    """The path of an outside program a test drives (Debian's chromium, PostgreSQL's initdb, ...): the first of
+    ``candidates`` that exists, else ``name`` on $PATH. When it is missing the test is skipped, with the install
+    command as the reason; under ``PNEUMOSCOPE_REQUIRE_SYSTEM_DEPS=1`` (CI) a missing program fails the test."""
+    for c in candidates:
+        if Path(c).is_file() and os.access(c, os.X_OK):
+            return Path(c)
+    found = shutil.which(name)
+    if found:
+        return Path(found)
+    reason = f"needs Debian's {package} ({name} not found): " + INSTALL_HINT.format(package=package)
+    if os.environ.get(REQUIRE_SYSTEM_DEPS) == "1":
+        pytest.fail(f"{reason} [{REQUIRE_SYSTEM_DEPS}=1]", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def system_program():
+    """``system_program(name, package, candidates)``: see ``require_program``."""
+    return require_program
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from pneumoscope.data.digest import cached_digest
 from pneumoscope.data.images import load_uint8
 from pneumoscope.errors import ImageReadError
+from pneumoscope.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def decode_all(
     # Pillow releases the GIL while decoding and resizing: threads scale across cores without pickling. Chunks of
     # files per task: one future per file cost more than decoding a small JPEG.
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool, \
-            tqdm(total=len(paths), desc=f"decode {size}px", disable=not progress, leave=False, unit="img") as bar:
+            progress_bar(total=len(paths), desc=f"decode {size}px", disable=not progress, leave=False, unit="img") as bar:
         for n in pool.map(work, range(0, len(paths), _CHUNK)):
             bar.update(n)
     errors.sort(key=lambda e: str(e[0]))

@@ -20,10 +20,9 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from tqdm import tqdm
-
 from pneumoscope.data.digest import file_digest
 from pneumoscope.errors import ConfigError, DatasetLayoutError, DownloadError
+from pneumoscope.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +117,8 @@ def _fetch_into(url: str, part: Path, *, timeout: float, progress: bool, expecte
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
         received = offset
-        with open(part, mode) as f, tqdm(total=total or expected_size, initial=offset, unit="B", unit_scale=True,
-                                         unit_divisor=1024, desc=part.name[:-5], disable=not progress) as bar:
+        with open(part, mode) as f, progress_bar(total=total or expected_size, initial=offset, unit="B", unit_scale=True,
+                                                 unit_divisor=1024, desc=part.name[:-5], disable=not progress) as bar:
             while chunk := response.read(CHUNK_SIZE):
                 f.write(chunk)
                 received += len(chunk)

@@ -86,7 +86,8 @@ class Service:
         if self.pseudonymize_salt is not None:
             salt = self.pseudonymize_salt
             study = replace(study, patient_id=study.patient_id and "hmac-sha256:" + pseudonym(salt, study.patient_id),
-                            study_uid=study.study_uid and pseudonym(salt, study.study_uid))
+                            study_uid=study.study_uid and pseudonym(salt, study.study_uid),
+                            filename=None)  # a file name can carry the patient's name
         return PredictionRecord(study=study, probability=r["probability"],
                                 calibrated_probability=r["calibrated_probability"], threshold=r["threshold"],
                                 label=r["label"], latency_ms=latency_ms, heatmap_png=png)

@@ -94,7 +94,7 @@ def decode_upload(data: bytes, filename: str | None, content_type: str | None, s
     """An uploaded file -> everything the service stores and feeds the model. Raises HTTPException: 415 for
     anything but JPEG/PNG/DICOM, 422 for an empty, corrupt or malformed file or a decompression bomb."""
 
-    name = safe_name(filename)
+    name = shown = safe_name(filename)
     if not data:
         raise HTTPException(422, f"{name}: empty file (0 bytes)")
     fmt = sniff(data, name, content_type)
@@ -119,7 +119,7 @@ def decode_upload(data: bytes, filename: str | None, content_type: str | None, s
                         image_png=_png(view), warnings=list(meta.get("warnings", [])),
                         patient_id=meta.get("patient_id"), study_uid=meta.get("study_uid"),
                         modality=meta.get("modality"), manufacturer=meta.get("manufacturer"),
-                        device_model=meta.get("device_model"))
+                        device_model=meta.get("device_model"), filename=shown)
     return Upload(name=name, study=study, view_u8=view, model_u8=model_u8, quality=quality)
 
 

@@ -14,7 +14,7 @@ import time
 
 import torch
 import torch.distributed as tdist
-from tqdm.auto import tqdm
+from pneumoscope.progress import bar as progress_bar
 
 from pneumoscope.config import TrainConfig, resolve
 from pneumoscope.data.prefetch import Prefetch
@@ -101,7 +101,7 @@ def train_epoch(run: Run, net, opt, sched, scaler, loss_fn, epoch: int, steps: i
     for m in frozen:
         m.eval()
     loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, unit="batch",
+    bar = progress_bar(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, unit="batch",
                disable=not (cfg.progress and run.dist.main))
     for step in bar:
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]

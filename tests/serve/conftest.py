@@ -1,5 +1,6 @@
-"""Fixtures of the service tests: one tiny trained checkpoint per session, apps on temporary databases, and a
-real ``python -m pneumoscope serve`` process on a free local port."""
+"""Fixtures of the service tests: one tiny trained checkpoint per session, apps on temporary databases, a
+temporary PostgreSQL server per session (``study_db`` runs a test on SQLite and on PostgreSQL), and a real
+``python -m pneumoscope serve`` process on a free local port."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 from pneumoscope.serve.app import create_app
+from pneumoscope.serve.pgtemp import PROGRAMS, TempPostgres, find_program
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +39,25 @@ def jpegs(chest_xray: Path) -> list[Path]:
     return [p for pair in zip(normal, pneumonia) for p in pair]
 
 
+@pytest.fixture(scope="session")
+def postgres(system_program):
+    """A temporary PostgreSQL server for the session (skipped, or failed under CI, without Debian's postgresql)."""
+    for name in PROGRAMS:
+        found = find_program(name)
+        system_program(name, "postgresql", [found] if found else [])
+    pg = TempPostgres()
+    yield pg
+    pg.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def study_db(request, tmp_path) -> str:
+    """The --db of a test, once per back-end: a new SQLite file, or a new database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "studies.db")
+    return request.getfixturevalue("postgres").create_database()
+
+
 @pytest.fixture
 def make_app(predictor, tmp_path):
     """create_app on a fresh database in tmp_path, sharing the session's loaded model."""
@@ -54,7 +75,7 @@ def free_port() -> int:
 class Server:
     """``python -m pneumoscope serve`` in a subprocess (cwd: a temporary folder), waited for until /health answers."""
 
-    def __init__(self, checkpoint: Path, db: Path, cwd: Path, api_key: str | None = None, extra: list[str] = ()):
+    def __init__(self, checkpoint: Path, db: Path | str, cwd: Path, api_key: str | None = None, extra: list[str] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -86,6 +107,16 @@ class Server:
             self.log.flush()
         return (self.cwd / "server.log").read_text(errors="replace")[-4000:]
 
+    def worker_pids(self) -> list[int]:
+        """The uvicorn worker processes of ``--workers N`` (children started by multiprocessing's spawn)."""
+        pids = []
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            for pid in (task / "children").read_text().split():
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if b"spawn_main" in cmd and b"resource_tracker" not in cmd:
+                    pids.append(int(pid))
+        return pids
+
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
@@ -104,8 +135,8 @@ class Server:
 def server_factory(checkpoint: Path, tmp_path: Path):
     started: list[Server] = []
 
-    def start(**kw) -> Server:
-        s = Server(checkpoint, tmp_path / "studies.db", tmp_path, **kw)
+    def start(db: Path | str | None = None, **kw) -> Server:
+        s = Server(checkpoint, db or tmp_path / "studies.db", tmp_path, **kw)
         started.append(s)
         return s
 

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from pneumoscope.serve.app import MAX_FILES, ModelWorker
+from pneumoscope.serve.schema import revisions
 from pneumoscope.serve.study_report import REPORT_SCHEMA
 from tests.serve.test_study_report import validate
 
@@ -50,7 +51,7 @@ def test_health_page_and_static_need_no_key(client):
     body = h.json()
     assert body["model"]["name"] == "seed_cnn" and body["model"]["checksum"].startswith("sha256:")
     assert body["model"]["input_size"] == 64 and body["api_key_required"] is True
-    assert body["database"]["schema_version"] == 1
+    assert body["database"]["schema_version"] == len(revisions()) == 2  # 0001 initial, 0002 studies.filename
     page = client.get("/")
     assert page.status_code == 200 and 'id="file-input"' in page.text and 'id="opacity"' in page.text
     assert "script-src 'self'" in page.headers["content-security-policy"]

@@ -14,14 +14,13 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 KEY = "browser-test-key"
 
 
-def test_viewer_upload_heatmap_slider_review(server_factory, jpegs, tmp_path):
+def test_viewer_upload_heatmap_slider_review(system_program, server_factory, jpegs, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    if not CHROMIUM.exists():
-        raise FileNotFoundError(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    chromium = system_program("chromium", "chromium", [CHROMIUM])
     server = server_factory(api_key=KEY)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        browser = pw.chromium.launch(executable_path=str(chromium), args=ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             errors: list[str] = []
@@ -48,6 +47,8 @@ def test_viewer_upload_heatmap_slider_review(server_factory, jpegs, tmp_path):
             row = page.locator("#studies tbody tr")
             expect(row).to_have_count(1)
             expect(row.locator(".review-cell")).to_have_text("not reviewed")
+            expect(row.locator(".file-cell")).to_have_text(jpegs[1].name)  # rows are told apart by file name
+            expect(row.locator(".patient-cell")).to_have_text("–")  # a JPEG has no patient id
             page.fill("#reviewer", "Dr Playwright")
             page.click("#agree")
             expect(page.locator("#review-status")).to_have_text("agreed (Dr Playwright)")

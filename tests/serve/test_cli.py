@@ -34,3 +34,24 @@ def test_pseudonymize_needs_a_secret_salt(tmp_path, monkeypatch):
     a = parse(["serve", "--pseudonymize", "--db", str(tmp_path / "s.db")])
     with pytest.raises(ConfigError, match="PNEUMOSCOPE_PSEUDONYM_SALT"):
         a.func(a)
+
+
+def test_serve_db_in_a_missing_folder_or_not_a_database_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("PNEUMOSCOPE_API_KEY", raising=False)
+    a = parse(["serve", "--db", str(tmp_path / "missing" / "s.db")])
+    with pytest.raises(ConfigError, match=r"study database .*missing.s\.db: the folder .*missing does not exist"):
+        a.func(a)
+    (tmp_path / "image.jpeg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 100)
+    for argv in (["serve", "--db", str(tmp_path / "image.jpeg")], ["serve", "--workers", "2", "--db",
+                                                                    str(tmp_path / "image.jpeg")],
+                 ["db", "migrate", "--db", str(tmp_path / "image.jpeg")]):
+        a = parse(argv)
+        with pytest.raises(ConfigError, match=r"image\.jpeg is not a SQLite database"):
+            a.func(a)
+
+
+def test_workers_default_and_check():
+    assert parse(["serve"]).workers == 1 and parse(["serve", "--workers", "3"]).workers == 3
+    a = parse(["serve", "--workers", "0"])
+    with pytest.raises(ConfigError, match="--workers 0"):
+        a.func(a)

@@ -1,24 +1,18 @@
-"""The study database: migrations, duplicates, reviews, listing, thread safety, CSV export."""
+"""The study database: migrations, duplicates, reviews, listing, thread safety, CSV export. Every test that takes
+``study_db`` runs on SQLite and on a real PostgreSQL (tests/serve/conftest.py)."""
 from __future__ import annotations
 
 import csv
-import sqlite3
+import shutil
 import threading
 
 import pytest
+from sqlalchemy import exc, inspect, text
 
 from pneumoscope.cli import build_parser
 from pneumoscope.errors import ConfigError
-from pneumoscope.serve.db import (
-    ModelRecord,
-    PredictionRecord,
-    StudyDB,
-    StudyRecord,
-    connect,
-    export_csv,
-    migrate,
-    migrations,
-)
+from pneumoscope.serve.db import ModelRecord, PredictionRecord, StudyDB, StudyRecord, export_csv
+from pneumoscope.serve.schema import MIGRATIONS, current_revision, engine_for, migrate, revisions
 
 MODEL = ModelRecord(name="seed_cnn", version="0.1.0", checksum="sha256:" + "0" * 64,
                     threshold_info={"method": "youden", "threshold": 0.7})
@@ -35,42 +29,77 @@ def entry(sha: str, **kw) -> PredictionRecord:
     return PredictionRecord(study=StudyRecord(**e), **pred)
 
 
-def test_migrations_set_user_version_and_are_idempotent(tmp_path):
-    steps = migrations()
-    assert [v for v, _, _ in steps] == list(range(1, len(steps) + 1))
-    db = StudyDB(tmp_path / "s.db")
+def sql(db: StudyDB, statement: str):
+    """One value of a statement on ``db``'s connection of this thread (its transaction ended at once)."""
+    try:
+        return db.conn.execute(text(statement)).scalar()
+    finally:
+        db.conn.rollback()
+
+
+def test_migrations_set_the_version_and_are_idempotent(study_db):
+    steps = revisions()
+    assert [int(v) for v in steps] == list(range(1, len(steps) + 1))
+    db = StudyDB(study_db)
     assert db.version == len(steps)
-    c = db.conn
-    assert c.execute("PRAGMA user_version").fetchone()[0] == len(steps)
-    assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert c.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert sql(db, "SELECT version_num FROM alembic_version") == steps[-1]
+    if db.dialect == "sqlite":
+        assert sql(db, "PRAGMA journal_mode") == "wal"
+        assert sql(db, "PRAGMA synchronous") == 2  # FULL
+    tables = set(inspect(db.engine).get_table_names())
     assert {"patients", "studies", "predictions", "reviews"} <= tables
+    assert "filename" in {c["name"] for c in inspect(db.engine).get_columns("studies")}
+    assert {tuple(u["column_names"]) for u in inspect(db.engine).get_unique_constraints("studies")} == {("sha256",)}
     db.close()
-    assert StudyDB(tmp_path / "s.db").version == len(steps)  # reopening applies nothing
+    assert StudyDB(study_db).version == len(steps)  # reopening applies nothing
 
 
-def test_failed_migration_rolls_back_entirely(tmp_path):
-    conn = connect(tmp_path / "m.db")
-    steps = [(1, "0001_a.sql", "CREATE TABLE a (x INTEGER);"),
-             (2, "0002_b.sql", "CREATE TABLE b (x INTEGER); INSERT INTO nowhere VALUES (1);")]
-    with pytest.raises(sqlite3.OperationalError, match="nowhere"):
-        migrate(conn, steps)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert tables == {"a"}  # b was rolled back with its failed step
-    assert migrate(conn, steps[:1]) == 1
+FAILING = {"0001_a.py": ("0001", None, 'op.execute("CREATE TABLE a (x INTEGER)")'),
+           "0002_b.py": ("0002", "0001", 'op.execute("CREATE TABLE b (x INTEGER)")\n'
+                                         '    op.execute("INSERT INTO nowhere VALUES (1)")')}
 
 
-def test_newer_database_is_refused(tmp_path):
-    conn = connect(tmp_path / "n.db")
-    conn.execute("PRAGMA user_version = 99")
+def test_failed_migration_rolls_back_entirely(study_db, tmp_path):
+    scripts = tmp_path / "migrations"
+    (scripts / "versions").mkdir(parents=True)
+    shutil.copy(MIGRATIONS / "env.py", scripts / "env.py")
+    for name, (rev, down, body) in FAILING.items():
+        (scripts / "versions" / name).write_text(f"from alembic import op\nrevision = {rev!r}\n"
+                                                 f"down_revision = {down!r}\n\n\ndef upgrade():\n    {body}\n")
+    engine = engine_for(study_db)
+    with pytest.raises(exc.DBAPIError, match="nowhere"):
+        migrate(engine, scripts)
+    with engine.connect() as c:
+        assert current_revision(c) == "0001"
+    assert set(inspect(engine).get_table_names()) == {"a", "alembic_version"}  # b was rolled back with its step
+    (scripts / "versions" / "0002_b.py").unlink()
+    assert migrate(engine, scripts) == 1
+    engine.dispose()
+
+
+def test_newer_database_is_refused(study_db):
+    StudyDB(study_db).close()
+    engine = engine_for(study_db)
+    with engine.begin() as c:
+        c.execute(text("UPDATE alembic_version SET version_num = '0099'"))
     with pytest.raises(RuntimeError, match="schema version 99"):
-        migrate(conn)
+        migrate(engine)
+    engine.dispose()
 
 
-def test_duplicate_file_is_one_study_with_every_prediction(tmp_path):
-    db = StudyDB(tmp_path / "s.db")
+def test_a_bad_db_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"folder .*nowhere does not exist; create it \(mkdir -p"):
+        StudyDB(tmp_path / "nowhere" / "s.db")
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not a database at all, just some text\n")
+    with pytest.raises(ConfigError, match=r"notes.txt is not a SQLite database; pass a new file name"):
+        StudyDB(junk)
+    with pytest.raises(ConfigError, match="is not a SQLite database"):
+        StudyDB(tmp_path)  # a folder
+
+
+def test_duplicate_file_is_one_study_with_every_prediction(study_db):
+    db = StudyDB(study_db)
     first = db.add_predictions([entry("a" * 64)], MODEL)[0]
     again = db.add_predictions([entry("a" * 64, probability=0.9, label="PNEUMONIA")], MODEL)[0]
     assert first["study_id"] == again["study_id"] == "1.2.3"
@@ -87,15 +116,15 @@ def test_duplicate_file_is_one_study_with_every_prediction(tmp_path):
     assert db.study_image("1.2.3") == b"\x89PNG-fake"
 
 
-def test_reviews_and_listing(tmp_path):
-    db = StudyDB(tmp_path / "s.db")
+def test_reviews_and_listing(study_db):
+    db = StudyDB(study_db)
     a = db.add_predictions([entry("a" * 64, study_uid=None, patient_id=None)], MODEL)[0]["study_id"]
     b = db.add_predictions([entry("b" * 64, study_uid=None, patient_id=None)], MODEL)[0]["study_id"]
     assert db.add_review("missing", "dr", "agree") is None
     r = db.add_review(a, "Dr A", "disagree", "effusion, not pneumonia")
     assert (r["study_id"], r["reviewer"], r["decision"], r["comment"]) == (a, "Dr A", "disagree", "effusion, not pneumonia")
     assert r["prediction_id"] == db.latest_prediction(a)["id"]
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(exc.IntegrityError):
         db.add_review(a, "Dr A", "maybe")
     rows = db.list_studies()
     assert [x["id"] for x in rows] == [b, a]  # most recently predicted first
@@ -103,8 +132,8 @@ def test_reviews_and_listing(tmp_path):
     assert db.counts()["patients"] == 0 and db.counts()["reviews"] == 1
 
 
-def test_one_connection_per_thread_and_concurrent_writers(tmp_path):
-    db = StudyDB(tmp_path / "s.db")
+def test_one_connection_per_thread_and_concurrent_writers(study_db):
+    db = StudyDB(study_db)
     conns, errors = set(), []
 
     def work(t: int) -> None:
@@ -122,16 +151,18 @@ def test_one_connection_per_thread_and_concurrent_writers(tmp_path):
         t.join()
     assert errors == [] and len(conns) == 4
     assert db.counts()["studies"] == 40 and db.counts()["predictions"] == 40
-    assert db.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    if db.dialect == "sqlite":
+        assert sql(db, "PRAGMA integrity_check") == "ok"
 
 
-def test_export_csv_one_file_per_table(tmp_path):
-    db = StudyDB(tmp_path / "s.db")
+def test_export_csv_one_file_per_table(study_db, tmp_path):
+    db = StudyDB(study_db)
     sid = db.add_predictions([entry("a" * 64, heatmap_png=b"12345")], MODEL)[0]["study_id"]
     db.add_review(sid, "Dr, \"Quote\"", "agree", "line1\nline2")
     db.close()
     # through the `db export` sub-command as cli.py wires it
-    args = build_parser().parse_args(["db", "export", "--db", str(tmp_path / "s.db"), "--format", "csv", "--out", str(tmp_path / "csv")])
+    args = build_parser().parse_args(["db", "export", "--db", study_db, "--format", "csv", "--out",
+                                      str(tmp_path / "csv")])
     assert args.func(args) == 0
     out = {f.stem: list(csv.DictReader(open(f, newline=""))) for f in (tmp_path / "csv").glob("*.csv")}
     assert set(out) == {"patients", "studies", "predictions", "reviews"}
@@ -143,14 +174,14 @@ def test_export_csv_one_file_per_table(tmp_path):
         export_csv(tmp_path / "absent.db", tmp_path / "x")
 
 
-def test_group_commit_writes_waiting_requests_together_and_isolates_a_bad_one(tmp_path):
-    db = StudyDB(tmp_path / "s.db")
+def test_group_commit_writes_waiting_requests_together_and_isolates_a_bad_one(study_db):
+    db = StudyDB(study_db)
     results, errors = {}, {}
 
     def write(name: str, e: dict) -> None:
         try:
             results[name] = db.add_predictions([e], MODEL)
-        except sqlite3.Error as x:
+        except exc.DBAPIError as x:
             errors[name] = x
 
     jobs = {"a": entry("a" * 64, study_uid=None), "bad": entry("b" * 64, study_uid=None, format=None),
@@ -168,6 +199,56 @@ def test_group_commit_writes_waiting_requests_together_and_isolates_a_bad_one(tm
     for t in threads:
         t.join(10)
     assert set(results) == {"a", "c"} and list(errors) == ["bad"]
-    assert isinstance(errors["bad"], sqlite3.IntegrityError) and "studies.format" in str(errors["bad"])
+    not_null = "studies.format" if db.dialect == "sqlite" else 'column "format" of relation "studies"'
+    assert isinstance(errors["bad"], exc.IntegrityError) and not_null in str(errors["bad"])
     assert db.counts()["studies"] == 2 and db.counts()["predictions"] == 2
     assert db._pending == []
+
+
+def test_db_migrate_command(study_db):
+    args = build_parser().parse_args(["db", "migrate", "--db", study_db])
+    assert args.func(args) == 0
+    db = StudyDB(study_db)
+    assert db.version == len(revisions()) and db.counts()["studies"] == 0
+
+
+def test_same_file_from_two_processes_at_once_is_one_study(study_db):
+    """Two StudyDB objects = two service processes (their own writer locks and connections): the same file stored
+    by both at the same moment is one study (UNIQUE sha256 + ON CONFLICT DO NOTHING), with both predictions."""
+    dbs = [StudyDB(study_db) for _ in range(4)]
+    start, results, errors = threading.Barrier(8), [], []
+
+    def work(db: StudyDB, i: int) -> None:
+        try:
+            start.wait()
+            results.append(db.add_predictions([entry("f" * 64, study_uid=None, filename=f"copy{i}.jpeg")], MODEL)[0])
+        except Exception as e:  # noqa: BLE001 - surfaced by the assert below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(dbs[i % 4], i)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == [] and len(results) == 8
+    assert len({r["study_id"] for r in results}) == 1 and sorted(r["duplicate"] for r in results) == [False] + [True] * 7
+    assert dbs[0].counts() == {"patients": 1, "studies": 1, "predictions": 8, "reviews": 0}
+    row = dbs[0].list_studies()[0]
+    assert row["n_predictions"] == 8 and row["filename"].startswith("copy") and row["patient_id"] == "P1"
+    for db in dbs:
+        db.close()
+
+
+def test_urls(postgres):
+    from pneumoscope.serve.schema import describe
+
+    url = postgres.create_database()
+    plain = url.replace("postgresql+psycopg://", "postgresql://")  # SQLAlchemy's default driver would be psycopg2
+    db = StudyDB(plain)
+    assert db.dialect == "postgresql" and db.version == len(revisions())
+    db.close()
+    assert describe("postgresql+psycopg://u:secret@h/x") == "postgresql+psycopg://u:***@h/x"
+    with pytest.raises(ConfigError, match="study database URL"):
+        StudyDB("nosuchdialect://x/y")
+    with pytest.raises(ConfigError, match=r"cannot open the study database postgresql\+psycopg://u:\*\*\*@127.0.0.1:1/x"):
+        StudyDB("postgresql+psycopg://u:secret@127.0.0.1:1/x")

@@ -1,19 +1,40 @@
 """A real ``python -m pneumoscope serve`` process on 127.0.0.1: uploads over HTTP, and a SIGKILL in the middle of
-a burst of concurrent uploads that must leave an intact database holding every answered prediction."""
+a burst of concurrent uploads that must leave an intact database holding every answered prediction; on SQLite
+and on PostgreSQL (``study_db``), and with ``--workers 2``."""
 from __future__ import annotations
 
-import sqlite3
+import os
+import signal
 import threading
 import time
 
 import httpx
+import pytest
+from sqlalchemy import text
+
+from pneumoscope.serve.schema import engine_for
 
 KEY = "server-test-key-42"
 H = {"X-API-Key": KEY}
 
 
-def test_real_server_predicts_a_shared_jpeg_and_dicom(server_factory, jpegs, dicom_dir, tmp_path):
-    s = server_factory(api_key=KEY)
+def query(db: str, statement: str) -> list[tuple]:
+    """Rows of ``statement`` on a fresh connection (SQLite: recovers the WAL a killed server left behind)."""
+    engine = engine_for(db)
+    try:
+        with engine.connect() as c:
+            return [tuple(r) for r in c.execute(text(statement))]
+    finally:
+        engine.dispose()
+
+
+def intact(db: str) -> bool:
+    return not db.endswith(".db") or query(db, "PRAGMA integrity_check") == [("ok",)]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_real_server_predicts_a_shared_jpeg_and_dicom(server_factory, study_db, workers, jpegs, dicom_dir):
+    s = server_factory(db=study_db, api_key=KEY, extra=["--workers", str(workers)])
     dcm = dicom_dir / "chest_dx_nih_no_finding.dcm"
     with httpx.Client(base_url=s.url, headers=H, timeout=60) as c:
         health = httpx.get(s.url + "/health", timeout=10).json()
@@ -30,17 +51,20 @@ def test_real_server_predicts_a_shared_jpeg_and_dicom(server_factory, jpegs, dic
         img = c.get(b["image_url"])
         assert img.status_code == 200 and img.content[:8] == b"\x89PNG\r\n\x1a\n"
         assert c.get(b["report_url"]).json()["study"]["modality"] == "DX"
-        assert len(c.get("/studies").json()["studies"]) == 2
+        studies = c.get("/studies").json()["studies"]
+        assert sorted(x["filename"] for x in studies) == sorted([jpegs[1].name, dcm.name])
+        assert all("patient_id" in x for x in studies)
     s.stop()  # SIGTERM: graceful shutdown
     assert s.proc.returncode in (0, -15), s.output()  # recent uvicorn re-raises SIGTERM after its shutdown
     assert "Application shutdown complete" in s.output()
-    conn = sqlite3.connect(tmp_path / "studies.db")
-    assert conn.execute("SELECT count(*) FROM predictions").fetchone()[0] == 2
-    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert query(study_db, "SELECT count(*) FROM predictions") == [(2,)]
+    assert intact(study_db)
 
 
-def test_sigkill_during_a_burst_loses_no_answered_prediction(server_factory, jpegs, tmp_path):
-    s = server_factory()
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_during_a_burst_loses_no_answered_prediction(server_factory, study_db, workers, jpegs):
+    """``workers=1``: the server process is SIGKILLed; ``workers=2``: one of its two worker processes is."""
+    s = server_factory(db=study_db, extra=["--workers", str(workers)])
     answered: list[tuple[int, str]] = []
     failures: list[str] = []
     lock, stop = threading.Lock(), threading.Event()
@@ -68,17 +92,22 @@ def test_sigkill_during_a_burst_loses_no_answered_prediction(server_factory, jpe
     deadline = time.monotonic() + 90
     while len(answered) < 30 and time.monotonic() < deadline and not failures:
         time.sleep(0.05)
-    s.kill()  # SIGKILL while the clients are still sending
+    if workers == 1:
+        s.kill()  # SIGKILL while the clients are still sending
+    else:
+        pids = s.worker_pids()
+        assert len(pids) == 2, (pids, s.output())
+        os.kill(pids[0], signal.SIGKILL)
     stop.set()
     for t in threads:
         t.join(60)
+    s.stop()  # the other worker: shut down gracefully
     assert failures == [] and len(answered) >= 30, (failures[:3], len(answered), s.output())
 
-    conn = sqlite3.connect(tmp_path / "studies.db")  # recovers the WAL left behind
-    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    stored = dict(conn.execute("SELECT id, study_id FROM predictions").fetchall())
+    assert intact(study_db)
+    stored = dict(query(study_db, "SELECT id, study_id FROM predictions"))
     missing = [(pid, sid) for pid, sid in answered if stored.get(pid) != sid]
     assert missing == []
-    studies = {r[0] for r in conn.execute("SELECT id FROM studies")}
+    studies = {r[0] for r in query(study_db, "SELECT id FROM studies")}
     assert {sid for _, sid in answered} <= studies
     assert len(studies) == len({sid for sid in stored.values()}) <= len(payloads)  # duplicates: one study each

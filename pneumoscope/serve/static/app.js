@@ -78,12 +78,15 @@ async function refreshList() {
   const rows = studies.map((s) => {
     const tr = document.createElement("tr");
     tr.dataset.id = s.id;
-    const cells = [s.predicted ? s.predicted.replace("T", " ").slice(0, 19) : "–", s.id.slice(0, 12) + "…",
-                   s.label || "–", fmt(s.calibrated_probability ?? s.probability),
-                   reviewText(s.review_decision, s.review_reviewer)];
+    const cells = [s.predicted ? s.predicted.replace("T", " ").slice(0, 19) : "–", s.filename || "–",
+                   s.patient_id || "–", s.id.slice(0, 12) + "…", s.label || "–",
+                   fmt(s.calibrated_probability ?? s.probability), reviewText(s.review_decision, s.review_reviewer)];
     for (const c of cells) tr.appendChild(Object.assign(document.createElement("td"), { textContent: c }));
-    tr.cells[2].className = s.label || "";
-    tr.cells[4].className = "review-cell";
+    tr.cells[1].className = "file-cell";
+    tr.cells[2].className = "patient-cell";
+    tr.cells[2].title = s.patient_id || "";
+    tr.cells[4].className = s.label || "";
+    tr.cells[6].className = "review-cell";
     tr.addEventListener("click", () => showStudy(s.id).catch((e) => setStatus(e.message, true)));
     return tr;
   });

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The programs some tests drive, from Debian: chromium (tests/serve/test_browser.py) and PostgreSQL (initdb,
+# pg_ctl, postgres: the PostgreSQL runs of tests/serve/test_db.py and test_server.py, benchmarks/service_load.py).
+# Idempotent: installs only what is missing. Needs root (or sudo).
+set -euo pipefail
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+missing=()
+command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || missing+=(chromium)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || missing+=(postgresql)
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "system dependencies present: chromium, postgresql"
+  exit 0
+fi
+echo "installing: ${missing[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
