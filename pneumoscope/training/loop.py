@@ -14,7 +14,6 @@ import time
 
 import torch
 import torch.distributed as tdist
-from pneumoscope.progress import bar as progress_bar
 
 from pneumoscope.config import TrainConfig, resolve
 from pneumoscope.data.prefetch import Prefetch
@@ -26,6 +25,7 @@ from pneumoscope.models.weights import (
     param_groups,
     set_backbone_trainable,
 )
+from pneumoscope.progress import bar as progress_bar
 from pneumoscope.training.augment import augment_batch
 from pneumoscope.training.checkpoint import TrainState, save_epoch, weights_digest
 from pneumoscope.training.history import (

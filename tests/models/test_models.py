@@ -12,9 +12,17 @@ from pneumoscope.errors import CheckpointError, ConfigError
 from pneumoscope.models.efficientnet import efficientnet_lite0_imagenet
 from pneumoscope.models.names import list_models
 from pneumoscope.models.pooling import MaxPoolReLU
-from pneumoscope.models.preprocess import EFFNET_LITE_RGB_MEAN, EFFNET_LITE_RGB_STD, Preprocess
+from pneumoscope.models.preprocess import (
+    EFFNET_LITE_RGB_MEAN,
+    EFFNET_LITE_RGB_STD,
+    Preprocess,
+)
 from pneumoscope.models.registry import create_model, load_weights, rebuild
-from pneumoscope.models.weights import fold_rgb_stem, param_groups, set_backbone_trainable
+from pneumoscope.models.weights import (
+    fold_rgb_stem,
+    param_groups,
+    set_backbone_trainable,
+)
 
 # Small sizes keep the file fast (seed_cnn's minimum is 46 px, densenet121's 32 px).
 SMALL = {"seed_cnn": 64, "cnn_rnn": 64, "efficientnet_lite0": 64, "densenet121": 32, "resnet18": 64}

@@ -11,8 +11,20 @@ from sqlalchemy import exc, inspect, text
 
 from pneumoscope.cli import build_parser
 from pneumoscope.errors import ConfigError
-from pneumoscope.serve.db import ModelRecord, PredictionRecord, StudyDB, StudyRecord, export_csv
-from pneumoscope.serve.schema import MIGRATIONS, current_revision, engine_for, migrate, revisions
+from pneumoscope.serve.db import (
+    ModelRecord,
+    PredictionRecord,
+    StudyDB,
+    StudyRecord,
+    export_csv,
+)
+from pneumoscope.serve.schema import (
+    MIGRATIONS,
+    current_revision,
+    engine_for,
+    migrate,
+    revisions,
+)
 
 MODEL = ModelRecord(name="seed_cnn", version="0.1.0", checksum="sha256:" + "0" * 64,
                     threshold_info={"method": "youden", "threshold": 0.7})

@@ -8,7 +8,12 @@ import re
 import numpy as np
 import pytest
 
-from pneumoscope.serve.study_report import DISCLAIMER, REPORT_SCHEMA, build_report, render_html
+from pneumoscope.serve.study_report import (
+    DISCLAIMER,
+    REPORT_SCHEMA,
+    build_report,
+    render_html,
+)
 
 _TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
 

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from pneumoscope.cli import build_parser
-from pneumoscope.studies.bench import bench, configurations, describe, device_description, matmul_gflops
+from pneumoscope.studies.bench import (
+    bench,
+    configurations,
+    describe,
+    device_description,
+    matmul_gflops,
+)
 
 
 def test_device_description_is_filled():

@@ -3,7 +3,13 @@ import numpy as np
 import pytest
 
 from pneumoscope.models.checkpoint import load_checkpoint
-from pneumoscope.studies.select import LUNG_BOX, lung_box_mass, markdown_table, rank, score_checkpoint
+from pneumoscope.studies.select import (
+    LUNG_BOX,
+    lung_box_mass,
+    markdown_table,
+    rank,
+    score_checkpoint,
+)
 
 KEYS = {"val_auc", "val_auc_ci", "shift_auc", "shift_auc_ci", "actualmed_auc", "actualmed_auc_ci",
         "actualmed_sensitivity", "actualmed_specificity", "hannover_sensitivity", "hannover_sensitivity_ci",

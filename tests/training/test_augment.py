@@ -2,7 +2,12 @@
 import torch
 
 from pneumoscope.config import TrainConfig
-from pneumoscope.training.augment import augment_batch, gaussian_kernel, random_blur, random_noise
+from pneumoscope.training.augment import (
+    augment_batch,
+    gaussian_kernel,
+    random_blur,
+    random_noise,
+)
 
 
 def _batch(n=6, s=48):

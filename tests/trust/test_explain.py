@@ -13,7 +13,13 @@ from pneumoscope.inference.loader import load
 from pneumoscope.inference.predictor import Predictor
 from pneumoscope.models.names import list_models
 from pneumoscope.models.registry import create_model
-from pneumoscope.trust.explain import explain, heatmap, heatmaps, overlay_png, pneumonia_logit
+from pneumoscope.trust.explain import (
+    explain,
+    heatmap,
+    heatmaps,
+    overlay_png,
+    pneumonia_logit,
+)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,12 @@ from pneumoscope.cli import build_parser
 from pneumoscope.data.cache import decode_all
 from pneumoscope.data.images import resize_uint8, to_uint8
 from pneumoscope.data.quality import file_warnings, image_warnings
-from pneumoscope.inference.embedding import EmbeddingReference, embed, feature_layer, reference_from_images
+from pneumoscope.inference.embedding import (
+    EmbeddingReference,
+    embed,
+    feature_layer,
+    reference_from_images,
+)
 from pneumoscope.inference.loader import load
 from pneumoscope.trust.data_compare import data_compare, frechet_distance
 
