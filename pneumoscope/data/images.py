@@ -24,7 +24,9 @@ from pneumoscope.errors import ImageReadError, ImageTooLargeError, IntensityRang
 
 log = logging.getLogger(__name__)
 
-MAX_IMAGE_PIXELS = 64_000_000
+# THE decompression-bomb limit of the project (CLI, training decode, service): pixels per image (6000 x 6000),
+# checked from the header (PNG/JPEG size, DICOM Rows x Columns) before any pixel is decoded.
+MAX_IMAGE_PIXELS = 36_000_000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 

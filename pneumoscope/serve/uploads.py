@@ -12,12 +12,12 @@ import numpy as np
 from fastapi import HTTPException
 from PIL import Image
 
-from pneumoscope.data.images import DICOM_EXTENSIONS, is_dicom_path, load_jpeg_bytes_uint8, read_image_bytes, resize_uint8, to_uint8
+from pneumoscope.data.images import DICOM_EXTENSIONS, MAX_IMAGE_PIXELS, is_dicom_path, load_jpeg_bytes_uint8, read_image_bytes, resize_uint8, to_uint8
 from pneumoscope.errors import ImageReadError, ImageTooLargeError
 from pneumoscope.serve.db import StudyRecord
 from pneumoscope.trust.explain import overlay_png
 
-MAX_PIXELS = 36_000_000      # decoded pixels per image (6000 x 6000); above: decompression bomb, 422
+MAX_PIXELS = MAX_IMAGE_PIXELS  # the project's one limit (data/images.py); above: decompression bomb, 422
 VIEW_SIDE = 1024             # longest side of the viewer copy stored in the database
 HEATMAP_SIDE = 512           # longest side of the heatmap overlay
 HEATMAP_ALPHA = 0.4
