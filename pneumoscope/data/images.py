@@ -11,6 +11,7 @@ Two paths:
 """
 from __future__ import annotations
 
+import errno
 import io
 import logging
 from pathlib import Path
@@ -36,6 +37,19 @@ _16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 # ImageReadError (a ValueError) with this tuple: the blocks it guards do not raise it.
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError)
 PIL_ERRORS = _PIL_ERRORS  # what Pillow raises on corrupt or truncated files (public, for callers that open files)
+
+
+def os_error_message(name: str | Path, e: OSError) -> str:
+    """A clear message (naming ``name`` and the fix) for what the OS said when a file could not be opened."""
+    if isinstance(e, FileNotFoundError):
+        return f"{name}: no such file or folder; check the path (relative paths start in the current folder)"
+    if isinstance(e, PermissionError):
+        return f"{name}: permission denied; make the file readable (chmod a+r) or run as a user who can read it"
+    if isinstance(e, IsADirectoryError):
+        return f"{name}: is a folder where a file was expected"
+    if e.errno == errno.ELOOP:
+        return f"{name}: symbolic link loop; point the link at a real file"
+    return f"{name}: cannot be read ({e.strerror or type(e).__name__}); check the file and its disk"
 
 
 def is_dicom_path(path: str | Path) -> bool:

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from pneumoscope.data.folders import patient_id_from_name
-from pneumoscope.data.images import check_intensity, is_dicom_path, load_uint8, read_image, resize_uint8, to_uint8
+from pneumoscope.data.images import (check_intensity, is_dicom_path, load_uint8, os_error_message, read_image, resize_uint8,
+                                     to_uint8)
 from pneumoscope.data.quality import file_warnings, image_warnings
 from pneumoscope.errors import ImageReadError
 from pneumoscope.inference.embedding import EmbeddingReference, embed
@@ -89,9 +90,9 @@ class Predictor:
                     r["patient_id"] = meta["patient_id"]
                 r["warnings"] = self.input_warnings(item, u8, meta)
                 ready.append((i, u8))
-            except ImageReadError as e:
-                log.warning("cannot read %s: %s", name, e)
-                r["error"] = str(e)
+            except (ImageReadError, OSError) as e:  # OSError: missing, unreadable, a link loop, ...
+                r["error"] = os_error_message(name, e) if isinstance(e, OSError) else str(e)
+                log.warning("cannot read %s", r["error"])
             results.append(r)
         for start in range(0, len(ready), batch_size):
             chunk = ready[start:start + batch_size]
@@ -107,6 +108,7 @@ class Predictor:
                 r["calibrated_probability"] = float(p_cal) if self.temperature else None
                 score = p_cal if self.temperature else p_raw
                 r["label"] = "PNEUMONIA" if score >= self.threshold else "NORMAL"
+                r["label_from"] = "calibrated_probability" if self.temperature else "probability"  # >= threshold
                 r["threshold"] = self.threshold
                 if len(self.label_names) > 2:
                     probs = softmax(lg[None] / (self.temperature or 1.0))[0]
