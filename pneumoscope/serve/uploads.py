@@ -120,6 +120,41 @@ def heatmap_overlay(view_u8: np.ndarray, heat: np.ndarray) -> bytes:
     return overlay_png(fit(view_u8, HEATMAP_SIDE), heat, alpha=HEATMAP_ALPHA)
 
 
+UPLOAD_HINT = ("send the image as multipart/form-data field 'file' (repeat the field for several files), e.g. "
+               "curl -F file=@image.jpeg http://HOST:PORT/predict")
+
+
+def add_upload_error_handlers(app) -> None:
+    """Clear answers on POST /predict for a body that is not the expected multipart form (FastAPI's generic
+    ``Field required`` list, Starlette's bare ``Invalid multipart data.``); other routes keep FastAPI's answers."""
+    from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    def on_predict(request) -> bool:
+        return request.url.path == "/predict" and request.method == "POST"
+
+    @app.exception_handler(RequestValidationError)
+    async def validation(request, exc: RequestValidationError):
+        missing_file = any(tuple(e.get("loc", ()))[-1:] == ("file",) for e in exc.errors())
+        if not on_predict(request) or not missing_file:
+            return await request_validation_exception_handler(request, exc)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip() or "none"
+        got = ("no multipart field 'file' in the form" if ctype == "multipart/form-data"
+               else f"the body is not a multipart form (Content-Type: {ctype})")
+        return JSONResponse({"detail": f"no image received: {got}; {UPLOAD_HINT}"}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        if on_predict(request) and exc.status_code == 400 and str(exc.detail).startswith(
+                ("Invalid multipart", "Field exceeded", "Too many", "Missing boundary")):
+            return JSONResponse({"detail": f"the multipart body could not be parsed ({exc.detail} A part header "
+                                           "over 4 kB, e.g. a file name of thousands of characters, or a missing "
+                                           f"boundary causes this); use a short file name and {UPLOAD_HINT}"}, 400)
+        return await http_exception_handler(request, exc)
+
+
 def pseudonym(salt: str, value: str) -> str:
     """Keyed SHA-256 (HMAC) of an identifier: stable for one salt, not reversible without it."""
     return hmac.new(salt.encode(), value.encode(), hashlib.sha256).hexdigest()
