@@ -134,12 +134,18 @@ def _open_pil(fp: BinaryIO, name: str, max_pixels: int):
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(f"{name}: {e} Downscale the image before reading it.") from e
     except UnidentifiedImageError as e:
+        head = fp.seek(0) or fp.read(8)
+        if head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")):  # the magic is right, the header is not
+            kind = "PNG" if head.startswith(b"\x89PNG") else "JPEG"
+            raise ImageReadError(f"{name}: corrupt {kind} header (a {kind} file, but Pillow cannot read its header: "
+                                 "damaged in transfer?); re-export or re-download it") from e
         raise ImageReadError(
             f"{name}: not a JPEG, PNG or DICOM image (Pillow cannot identify it); "
             "convert it to PNG, or give a DICOM file a .dcm extension"
         ) from e
     except _PIL_ERRORS as e:
-        raise ImageReadError(f"{name}: corrupt image header ({type(e).__name__}: {e})") from e
+        raise ImageReadError(f"{name}: corrupt image header ({type(e).__name__}: {e}); the file is truncated or "
+                             "damaged: re-export or re-download it") from e
     w, h = im.size
     # Pillow only warns (DecompressionBombWarning) above Image.MAX_IMAGE_PIXELS: refuse those too. Checking the
     # size ourselves instead of turning the warning into an error keeps this thread-safe (no warnings filters).
