@@ -137,12 +137,16 @@ def add_upload_error_handlers(app) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation(request, exc: RequestValidationError):
-        missing_file = any(tuple(e.get("loc", ()))[-1:] == ("file",) for e in exc.errors())
-        if not on_predict(request) or not missing_file:
+        about_file = [e for e in exc.errors() if tuple(e.get("loc", ()))[:2] == ("body", "file")]
+        if not on_predict(request) or not about_file:
             return await request_validation_exception_handler(request, exc)
         ctype = request.headers.get("content-type", "").split(";")[0].strip() or "none"
-        got = ("no multipart field 'file' in the form" if ctype == "multipart/form-data"
-               else f"the body is not a multipart form (Content-Type: {ctype})")
+        if ctype != "multipart/form-data":
+            got = f"the body is not a multipart form (Content-Type: {ctype})"
+        elif any(e.get("type") == "missing" for e in about_file):
+            got = "no multipart field 'file' in the form"
+        else:  # a part without a filename is a text field: never echo its bytes back
+            got = "the field 'file' holds text, not a file (its part has no filename)"
         return JSONResponse({"detail": f"no image received: {got}; {UPLOAD_HINT}"}, 422)
 
     @app.exception_handler(StarletteHTTPException)
