@@ -5,6 +5,7 @@ training, the split re-made from a checkpoint (evaluation, trust), the studies."
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def check_value(key: str, value, where: str = "config value"):
                 v = float(v.strip()) if base == "float" or "." in v or "e" in v.lower() else int(v.strip())
             except ValueError:
                 raise bad(f"expected a{'n integer' if base == 'int' else ' number'}") from None
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):  # numpy numbers too
             raise bad(f"expected a{'n integer' if base == 'int' else ' number'}, got {type(value).__name__}")
         if v != v or v in (float("inf"), float("-inf")):
             raise bad("expected a finite number")

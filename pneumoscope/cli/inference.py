@@ -50,6 +50,8 @@ def _check_output_file(path: str) -> None:
     folder = p.parent
     if p.is_dir():
         raise PneumoscopeError(f"-o {p} is a folder; pass a file name, e.g. -o {p / 'predictions.csv'}")
+    if folder.exists() and not folder.is_dir():
+        raise PneumoscopeError(f"-o {p}: {folder} is a file, not a folder; write elsewhere")
     if not folder.is_dir():
         raise PneumoscopeError(f"-o {p}: the folder {folder} does not exist; create it (mkdir -p {folder}) or "
                                "write elsewhere")
@@ -97,6 +99,9 @@ def _explain(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise PneumoscopeError(f"--out {out} is an existing file, not a folder; pass a folder for the overlays")
+    blocking = next((a for a in out.parents if a.exists() and not a.is_dir()), None)
+    if blocking is not None:
+        raise PneumoscopeError(f"--out {out}: {blocking} is a file, so the folder cannot be made; pass another folder")
     paths = _inputs(args.paths)
     errors: list[dict] = []
     explain(args.checkpoint, paths, out, device=args.device, errors=errors)

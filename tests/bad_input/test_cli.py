@@ -89,6 +89,8 @@ def test_output_paths_checked_before_any_work(items, tmp_path):
         (["predict", str(good), "-o", "no/such/folder/p.csv"], "the folder no/such/folder does not exist; create it"),
         (["predict", str(good), "-o", "a_dir"], "-o a_dir is a folder; pass a file name"),
         (["explain", str(good), "--out", "a_file"], "--out a_file is an existing file, not a folder"),
+        (["predict", str(good), "-o", "a_file/p.csv"], "-o a_file/p.csv: a_file is a file, not a folder"),
+        (["explain", str(good), "--out", "a_file/maps"], "a_file is a file, so the folder cannot be made"),
         (["predict", str(good), "--format", "xml"], "invalid choice: 'xml'"),  # argparse usage error
     ]
     for args, msg in cases:
