@@ -102,10 +102,12 @@ def test_output_paths_checked_before_any_work(items, tmp_path):
 
 def test_explain_lists_failed_files_exits_3_and_writes_the_others(items, tmp_path):
     files = write_items([items[0], next(i for i in items if i.name == "zero.jpeg")], tmp_path / "in")
-    rc, _, err = cli("explain", *map(str, files), "missing.png", "--out", "maps", "--device", "cpu", cwd=tmp_path)
+    same_stem = write_items([items[0]], tmp_path / "in2")  # another good.jpeg: its overlay must not overwrite
+    rc, _, err = cli("explain", *map(str, files + same_stem), "missing.png", "--out", "maps", "--device", "cpu",
+                     cwd=tmp_path)
     assert rc == 3, err
-    assert [p.name for p in (tmp_path / "maps").iterdir()] == ["good_gradcam.png"]
-    assert "2 of 3 files could not be explained" in err
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["good_2_gradcam.png", "good_gradcam.png"]
+    assert "2 of 4 files could not be explained" in err
     assert "zero.jpeg: empty file" in err and "missing.png: no such file" in err
 
 
