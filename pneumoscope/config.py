@@ -11,8 +11,9 @@ from pathlib import Path
 
 import yaml
 
+from pneumoscope.data.intensity import METHODS as INTENSITY_METHODS
 from pneumoscope.errors import ConfigError
-from pneumoscope.models.names import list_models
+from pneumoscope.models.names import list_models, parse_trainable
 
 # THE table of allowed values, one row per key that has bounds or choices; types come from TrainConfig's
 # annotations. (lo, hi): inclusive; "(lo" / "hi)" in OPEN marks an open end. A new field only needs a row here.
@@ -22,13 +23,13 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "weight_decay": (0.0, 1.0), "val_fraction": (0.0, 1.0), "min_val_split": (0, 1_000_000),
     "seed": (0, 2**32 - 1), "label_smoothing": (0.0, 0.5), "rotate_deg": (0.0, 180.0), "scale": (0.0, 0.9),
     "translate": (0.0, 0.5), "brightness": (0.0, 1.0), "contrast": (0.0, 1.0), "gamma": (0.0, 3.0),
-    "blur": (0.0, 20.0), "noise": (0.0, 1.0), "patience": (1, 1000), "threads": (0, 256), "workers": (0, 256),
+    "blur": (0.0, 20.0), "downsample": (0.0, 4.0), "noise": (0.0, 1.0), "patience": (1, 1000), "threads": (0, 256), "workers": (0, 256),
     "limit": (0, 100_000_000), "freeze_epochs": (0, 1000), "backbone_lr_mult": (0.0, 100.0),
 }
 OPEN = {"lr": "(lo", "val_fraction": "(lo hi)", "label_smoothing": "hi)"}
 CHOICES: dict[str, tuple[str, ...]] = {
     "labels": ("binary", "ternary"), "imbalance": ("weighted", "sampler", "none"),
-    "precision": ("auto", "bf16", "fp16", "fp32"),
+    "precision": ("auto", "bf16", "fp16", "fp32"), "intensity": tuple(INTENSITY_METHODS),
 }
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -121,6 +122,7 @@ class TrainConfig:
     contrast: float = 0.20  # multiplicative 1 +- around the image mean
     gamma: float = 0.0  # log-uniform gamma in [exp(-g), exp(g)]; 0 = off
     blur: float = 0.0  # per-image Gaussian blur up to this sigma in px at the model's input size; 0 = off
+    downsample: float = 0.0  # resolution loss: shrink by up to 2 ** this and resize back (augment.py); 0 = off
     noise: float = 0.0  # per-image additive Gaussian noise up to this std (fraction of the range); 0 = off
     hflip: bool = False  # off by default: the heart is on the left; a flipped film is not a real chest X-ray
     patience: int = 5  # early stopping: epochs without a better validation AUC
@@ -135,6 +137,8 @@ class TrainConfig:
     weights: str = ""  # local weights file for a backbone
     freeze_epochs: int = 0  # epochs with the backbone frozen (head warm-up) before fine-tuning
     backbone_lr_mult: float = 1.0  # discriminative learning rate: backbone lr = lr * this
+    trainable: str = "all"  # all | head (frozen features + head) | last:N (last N backbone stages + head)
+    intensity: str = "none"  # uint8 standardisation at the input size: none | equalize | clahe (data/intensity.py)
     model_kwargs: dict = field(default_factory=dict)  # extra constructor arguments of the model
     allow_cross_split_duplicates: bool = False
     progress: bool = True
@@ -149,6 +153,7 @@ class TrainConfig:
             setattr(self, f.name, check_value(f.name, getattr(self, f.name)))
         if not (self.threshold == "youden" or self.threshold.startswith("sensitivity:")):
             raise bad("threshold", "choose youden or sensitivity:TARGET, e.g. sensitivity:0.95")
+        parse_trainable(self.trainable)
         if self.model not in list_models():
             raise bad("model", f"unknown model; choose one of {', '.join(list_models())}")
         return self

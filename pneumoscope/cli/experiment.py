@@ -1,4 +1,5 @@
-"""``pneumoscope experiment image-size|shift``: the study's image-size experiment and the acquisition-shift study."""
+"""``pneumoscope experiment image-size|shift`` (the study's image-size experiment, the acquisition-shift study) and
+``pneumoscope select`` (the recipe-selection table over checkpoints)."""
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,33 @@ def _shift(args: argparse.Namespace) -> int:
     return 0
 
 
+def _select(args: argparse.Namespace) -> int:
+    from pneumoscope.studies.select import select, write
+
+    groups = True if args.ensemble == "all" else (
+        [[int(i) for i in g.split(",")] for g in args.ensemble.split(";")] if args.ensemble else False)
+    rows = select([c for c in args.checkpoints.split(",") if c], args.data, args.external, groups, args.gradcam_n,
+                  args.cache)
+    path = write(rows, args.out)
+    winner = next((r["name"] for r in rows if r.get("winner")), None)
+    log.info("%d candidates scored; winner by the rule: %s; table in %s", len(rows), winner, path)
+    return 0
+
+
 def register(sub) -> None:
+    s = sub.add_parser("select", help="score checkpoints on validation, shifted validation and the external probes; "
+                                      "one table and the winner by the rule of MODEL_CARD.md")
+    s.add_argument("--checkpoints", required=True, help="comma-separated best.pt files")
+    s.add_argument("--data", required=True, help="training data folder (each checkpoint's validation split is re-made)")
+    s.add_argument("--external", help="folder with actualmed/ and hannover/ (probes: measured, never fitted on)")
+    s.add_argument("--out", required=True, help="folder for select.md and select.json")
+    s.add_argument("--ensemble", nargs="?", const="all", default=None,
+                   help="add an ensemble row (mean calibrated probability): of all checkpoints, or of the given "
+                        "0-based indices, e.g. 1,3 (several groups separated by ';')")
+    s.add_argument("--cache", help="folder to memoise per-checkpoint scores in (re-used when nothing changed)")
+    s.add_argument("--gradcam-n", type=int, default=200, help="validation images for the Grad-CAM column (0 = off)")
+    s.set_defaults(func=_select)
+
     """Add ``pneumoscope experiment image-size ...`` and ``pneumoscope experiment shift ...``."""
     p = sub.add_parser("experiment", help="image-size study, acquisition-shift study")
     ex = p.add_subparsers(dest="experiment_command", required=True, metavar="EXPERIMENT")

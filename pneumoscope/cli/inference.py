@@ -15,7 +15,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pneumoscope.evaluation.evaluate import evaluate
 
     r = evaluate(args.checkpoint, args.data, args.out, split=args.split, device=args.device,
-                 group_by=args.group_by, metadata=args.metadata)
+                 group_by=args.group_by, metadata=args.metadata, adapt=args.adapt_to_batch)
     keys = ("n", "accuracy", "sensitivity", "specificity", "auc", "threshold")
     log.info("%s; report in %s", ", ".join(f"{k} {r.get(k)}" if not isinstance(r.get(k), float) else f"{k} {r[k]:.4f}"
                                           for k in keys if k in r), args.out)
@@ -67,7 +67,7 @@ def _predict(args: argparse.Namespace) -> int:
     if args.output:
         _check_output_file(args.output)
     paths = _inputs(args.paths)
-    results = load(args.checkpoint, device=args.device).predict(paths)
+    results = load(args.checkpoint, device=args.device).predict(paths, adapt=args.adapt_to_batch)
     fmt = args.format or ("json" if args.output and args.output.endswith(".json") else "csv")
     out = open(args.output, "w", newline="") if args.output else sys.stdout
     try:
@@ -76,6 +76,8 @@ def _predict(args: argparse.Namespace) -> int:
         else:
             cols = ["path", "patient_id", "probability", "calibrated_probability", "label", "label_from", "threshold",
                     "warnings", "error"]
+            if args.adapt_to_batch:
+                cols[4:4] = ["adapted_probability", "adaptation"]
             w = csv.DictWriter(out, fieldnames=cols, extrasaction="ignore")
             w.writeheader()
             for r in results:
@@ -124,6 +126,13 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_adapt(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--adapt-to-batch", choices=["prior", "bn", "both"], default=None,
+                   help="opt-in, off by default: adapt to these images as one batch from a new site without labels "
+                        "(prior: EM re-estimation of the pneumonia prior; bn: BatchNorm statistics; both); "
+                        "reported beside the plain model's figures")
+
+
 def register(sub) -> None:
     s = sub.add_parser("evaluate", help="metrics with confidence intervals, curves and calibration on a labelled folder")
     s.add_argument("--checkpoint", help="best.pt of a run (default: the bundled model)")
@@ -135,6 +144,7 @@ def register(sub) -> None:
     s.add_argument("--group-by", help="column to break every metric down by (default 'site'); "
                                       "'device' works without CSV for DICOM (Manufacturer + model)")
     s.add_argument("--device", default="auto")
+    _add_adapt(s)
     s.set_defaults(func=_evaluate)
 
     s = sub.add_parser("predict", help="probability of pneumonia for image/DICOM files or folders",
@@ -146,6 +156,7 @@ def register(sub) -> None:
     s.add_argument("--output", "-o", help="write CSV or JSON here (default: CSV on stdout)")
     s.add_argument("--format", choices=["csv", "json"])
     s.add_argument("--device", default="auto")
+    _add_adapt(s)
     s.set_defaults(func=_predict)
 
     s = sub.add_parser("explain", help="Grad-CAM heatmap overlays (PNG) of the pneumonia score",

@@ -120,7 +120,6 @@ def _class_dirs(folder: Path) -> dict[str, Path] | None:
 
 
 def _dicom_patient(path: Path) -> tuple[str | None, dict]:
-
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except Exception as e:  # noqa: BLE001 - pydicom raises many types on garbage; recorded, decoded later

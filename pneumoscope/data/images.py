@@ -160,7 +160,6 @@ def _open_pil(fp: BinaryIO, name: str, max_pixels: int):
 
 
 def _read_pil(fp: BinaryIO, name: str, max_pixels: int) -> tuple[np.ndarray, dict]:
-
     src = _open_pil(fp, name, max_pixels)
     fmt = "PNG" if src.format == "PNG" else "JPEG"  # Pillow calls some camera JPEGs "MPO"
     mode, has_alpha = src.mode, "A" in src.mode or "transparency" in src.info
@@ -243,7 +242,6 @@ def load_jpeg_bytes_uint8(data: bytes, name: str, size: int, max_pixels: int = M
 
 
 def _load_jpeg_uint8(src, name: str, size: int) -> np.ndarray:
-
     try:
         src.draft("L", (2 * size, 2 * size))
         im = ImageOps.exif_transpose(src)

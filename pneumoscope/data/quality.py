@@ -56,7 +56,6 @@ def _grey_float(image: np.ndarray) -> tuple[np.ndarray, float | None]:
 
 
 def _thumb(a: np.ndarray) -> np.ndarray:
-
     if a.shape == (THUMB, THUMB):
         return a
     return np.asarray(Image.fromarray(np.ascontiguousarray(a), mode="F").resize((THUMB, THUMB), Image.Resampling.BILINEAR))

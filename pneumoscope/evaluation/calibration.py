@@ -170,4 +170,5 @@ def calibrate(logits: np.ndarray, y: np.ndarray, threshold_method: str) -> dict:
     p = pneumonia_score(logits, temperature, bias)
     threshold, info = choose_threshold(ybin, p, threshold_method)
     return {"threshold": float(threshold), "threshold_info": info, "temperature": temperature,
-            "calibration_bias": bias, "val_operating_points": operating_points(ybin, p)}
+            "calibration_bias": bias, "val_operating_points": operating_points(ybin, p),
+            "val_prior": float(ybin.mean())}  # the pneumonia prior the calibration was fitted at (adapt.em_prior)

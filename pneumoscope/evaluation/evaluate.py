@@ -12,7 +12,9 @@ from pneumoscope.data.folders import scan
 from pneumoscope.data.metadata import group_labels
 from pneumoscope.data.splits import split_samples
 from pneumoscope.errors import CheckpointError, DatasetLayoutError
+from pneumoscope.evaluation.metrics import binary_metrics, bootstrap_ci
 from pneumoscope.evaluation.report import write_evaluation
+from pneumoscope.inference.adapt import adapt_batch
 from pneumoscope.inference.loader import load
 from pneumoscope.inference.runtime import pneumonia_score, softmax
 from pneumoscope.models.checkpoint import load_checkpoint
@@ -47,7 +49,6 @@ def evaluation_samples(ckpt: dict, data_dir: str | Path, split: str | None = Non
         return samples, f"{split} images of {data_dir}"
     cfg = ckpt.get("config")
     if not cfg:
-
         raise CheckpointError("the checkpoint stores no training config, so its validation split cannot be re-made; "
                               "pass split='test' (--split test) to evaluate a held-out split instead")
     c = resolve(dict(cfg), data=str(data_dir), limit=0, progress=False)
@@ -57,8 +58,11 @@ def evaluation_samples(ckpt: dict, data_dir: str | Path, split: str | None = Non
 
 def evaluate(checkpoint: str | Path | None, data: str | Path, out: str | Path, split: str | None = None,
              device: str = "auto", progress: bool = True, group_by: str | None = None,
-             metadata: str | Path | None = None) -> dict:
-    """Evaluate ``checkpoint`` (None = bundled default) on ``data``; write report files into ``out``; return the report."""
+             metadata: str | Path | None = None, adapt: str | None = None) -> dict:
+    """Evaluate ``checkpoint`` (None = bundled default) on ``data``; write report files into ``out``; return the report.
+
+    ``adapt`` (prior | bn | both; opt-in): also report the metrics after adapting to the evaluated images without
+    their labels (inference/adapt.py) as ``report["adapted"]``; the top-level figures stay the plain model's."""
 
     pred = load(checkpoint, device=device)
     labels = "binary" if len(pred.label_names) == 2 else "ternary"
@@ -75,7 +79,6 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, out: str | Path, s
     y = np.array([samples[i].label for i in keep])
     groups = None
     if group_by or metadata:
-
         groups = group_labels([samples[i] for i in keep], group_by or "site", metadata)
     extra = {"data": str(data), "split": split, "checkpoint": pred.info["checkpoint"],
              "model": pred.info["name"], "model_checksum": pred.info["checksum"],
@@ -89,7 +92,12 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, out: str | Path, s
         return write_evaluation(out, y, P, pred.threshold, label_names=list(pred.label_names), extra=extra)
     p_raw = pneumonia_score(logits)
     p = pneumonia_score(logits, T, pred.calibration_bias) if T else p_raw
+    adapted = None
+    if adapt:
+        p_ad, info = adapt_batch(pred, d.images[keep], adapt)
+        adapted = {**info, **binary_metrics((y > 0).astype(int), p_ad, pred.threshold),
+                   "ci": bootstrap_ci((y > 0).astype(int), p_ad, pred.threshold)}
     return write_evaluation(out, y, p, pred.threshold, label_names=list(pred.label_names),
                             logits=logits[:, 0], temperature=T, calibration_bias=pred.calibration_bias,
                             val_operating_points=pred.info.get("val_operating_points"),
-                            groups=groups, extra=extra)
+                            groups=groups, extra=extra, adapted=adapted)

@@ -116,7 +116,7 @@ def binary_metrics(y, p, threshold: float = 0.5) -> dict:
 # ----------------------------------------------------------------------------- bootstrap
 
 
-def _auc_from_counts(pos: np.ndarray, neg: np.ndarray, cpos: np.ndarray, cneg: np.ndarray) -> np.ndarray:
+def auc_from_counts(pos: np.ndarray, neg: np.ndarray, cpos: np.ndarray, cneg: np.ndarray) -> np.ndarray:
     """ROC AUC of B weighted resamples at once (Mann-Whitney form, ties count 1/2).
 
     pos/neg: scores of the positive/negative cases; cpos (B, n_pos) and cneg (B, n_neg): how many times
@@ -158,7 +158,7 @@ def bootstrap_ci(y, p, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0
     if n_pos and n_neg:
         rows = max(1, 4_000_000 // max(n_pos, n_neg))  # bound memory of the (B, n) intermediates
         samples["auc"] = np.concatenate(
-            [_auc_from_counts(pos, neg, cpos[i : i + rows], cneg[i : i + rows]) for i in range(0, n_boot, rows)]
+            [auc_from_counts(pos, neg, cpos[i : i + rows], cneg[i : i + rows]) for i in range(0, n_boot, rows)]
         )
     q = [alpha / 2, 1 - alpha / 2]
     return {k: None if v is None else [float(x) for x in np.quantile(v, q)] for k, v in samples.items()}

@@ -228,7 +228,8 @@ def _calibration(y, logits, temperature, bias: float = 0.0) -> tuple[dict, np.nd
 
 
 def write_evaluation(out_dir, y, p, threshold: float = 0.5, *, label_names, logits=None, temperature=None,
-                     calibration_bias: float = 0.0, val_operating_points=None, groups=None, extra=None, n_boot: int = 1000, seed: int = 0) -> dict:
+                     calibration_bias: float = 0.0, val_operating_points=None, groups=None, extra=None, n_boot: int = 1000, seed: int = 0,
+                     adapted: dict | None = None) -> dict:
     """Write report.json, report.md and plots for one evaluated split into `out_dir`; return the report dict.
 
     Binary (`p` 1-D): binary_metrics + `ci` (stratified bootstrap) + `operating_points` (sens/spec on THIS data
@@ -274,10 +275,17 @@ def write_evaluation(out_dir, y, p, threshold: float = 0.5, *, label_names, logi
         plot_pr(y_arr, p_arr, out / "pr.png")
         plot_confusion(report["confusion"], names, out / "confusion.png")
         md = _markdown_binary
+    if adapted is not None:  # opt-in batch adaptation: beside the plain model's figures, never instead of them
+        report["adapted"] = adapted
     if extra is not None:
         report["extra"] = extra
     (out / "report.json").write_text(json.dumps(report, indent=2))
     text = md(report)
+    if adapted is not None:
+        keys = ("accuracy", "sensitivity", "specificity", "auc")
+        text += (f"\n## Adapted to this batch (opt-in: --adapt-to-batch {adapted['mode']})\n\n"
+                 + ", ".join(f"{k} {adapted[k]:.4f}" for k in keys if adapted.get(k) is not None)
+                 + f"\n\n{adapted['note']}\n")
     if extra is not None:
         text += "\n## Extra\n\n```json\n" + json.dumps(extra, indent=2) + "\n```\n"
     (out / "report.md").write_text(text + "\n")

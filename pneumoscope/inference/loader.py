@@ -38,6 +38,7 @@ def load(checkpoint: str | Path | None = None, device: str = "auto", precision: 
         "temperature": ckpt.get("temperature"), "calibration_bias": ckpt.get("calibration_bias", 0.0),
         "label_names": list(ckpt["label_names"]),
         "val_operating_points": ckpt.get("val_operating_points"), "val_metrics": ckpt.get("metrics"),
+        "val_prior": ckpt.get("val_prior"),
     }
     ood_reference = None
     if ckpt.get("ood_reference"):

@@ -205,6 +205,7 @@ class OnnxBackend:
         s = self.preprocess.input_size
         if x.ndim != 4 or x.shape[1:] != (self.preprocess.channels, s, s) or len(x) == 0:
             raise ValueError(f"{self.path}: input of shape {x.shape}; expected (B>0, {self.preprocess.channels}, {s}, {s}) uint8")
+        x = np.ascontiguousarray(self.preprocess.standardise(x))  # as in training (data/intensity.py)
         out = [self.session.run([OUTPUT_NAME], {self.input_name: x[i:i + self.max_batch]})[0]
                for i in range(0, len(x), self.max_batch)]
         return out[0] if len(out) == 1 else np.concatenate(out)

@@ -15,6 +15,7 @@ from pneumoscope.data.images import (check_intensity, is_dicom_path, load_uint8,
                                      to_uint8)
 from pneumoscope.data.quality import file_warnings, image_warnings
 from pneumoscope.errors import ImageReadError
+from pneumoscope.inference.adapt import adapt_batch
 from pneumoscope.inference.embedding import EmbeddingReference, embed
 from pneumoscope.inference.runtime import pneumonia_score, predict_logits, softmax
 from pneumoscope.models.preprocess import Preprocess
@@ -70,11 +71,14 @@ class Predictor:
     def logits(self, batch_u8: np.ndarray) -> np.ndarray:
         if self.backend is not None:
             return self.backend.logits(batch_u8)
-        x = torch.from_numpy(np.ascontiguousarray(batch_u8)).unsqueeze(1)
+        x = torch.from_numpy(np.ascontiguousarray(self.preprocess.standardise(np.asarray(batch_u8)))).unsqueeze(1)
         return predict_logits(self.model, x, self.preprocess, self.device, self.amp)
 
-    def predict(self, items: list, batch_size: int = 16) -> list[dict]:
-        """One dict per input: probability (raw and calibrated), label at the stored threshold, or an error."""
+    def predict(self, items: list, batch_size: int = 16, adapt: str | None = None) -> list[dict]:
+        """One dict per input: probability (raw and calibrated), label at the stored threshold, or an error.
+
+        ``adapt`` (prior | bn | both; opt-in, inference/adapt.py): the readable inputs are one batch from a new site;
+        each result then also holds ``adapted_probability`` and its label comes from it (and says so)."""
         if isinstance(items, (str, Path, np.ndarray)):
             items = [items]
         results: list[dict] = []
@@ -114,4 +118,13 @@ class Predictor:
                     probs = softmax(lg[None] / (self.temperature or 1.0))[0]
                     r["class_probabilities"] = {n: float(q) for n, q in zip(self.label_names, probs)}
                     r["predicted_class"] = self.label_names[int(probs.argmax())]
+        if adapt and ready:
+            p, info = adapt_batch(self, np.stack([u for _, u in ready]), adapt)
+            for (i, _), q in zip(ready, p):
+                r = results[i]
+                r["adapted_probability"], r["adaptation"] = float(q), adapt
+                r["label"] = "PNEUMONIA" if q >= self.threshold else "NORMAL"
+                r["label_from"] = "adapted_probability"
+                r["warnings"].append(f"label from the probability adapted to this batch of {info['n']} images "
+                                     f"(--adapt-to-batch {adapt}); calibrated_probability is the plain model's")
         return results

@@ -19,6 +19,7 @@ Nothing is ever downloaded: pretrained weights come from an installed package
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import numbers
 from pathlib import Path
@@ -46,8 +47,10 @@ def _jsonable(v: Any) -> Any:
 
 
 def create_model(name: str, *, num_classes: int = 1, image_size: int | None = None, pretrained: bool = False,
-                 weights: str | Path | None = None, **kwargs: Any) -> nn.Module:
+                 weights: str | Path | None = None, intensity: str = "none", **kwargs: Any) -> nn.Module:
     """Build model `name` (see `list_models()`); `weights=PATH` loads a local state_dict file.
+
+    `intensity` (none | equalize | clahe) is stored in `model.preprocess` (data/intensity.py), not in `arch`.
 
     pretrained=True loads weights shipped by an installed package (efficientnet_lite0 only); `weights`
     overrides it. Raises ConfigError for an unknown name, bad image_size/num_classes or kwargs, and
@@ -78,6 +81,8 @@ def create_model(name: str, *, num_classes: int = 1, image_size: int | None = No
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid arguments {kw} for {name}: {e}") from e
+    if intensity != "none":
+        model.preprocess = dataclasses.replace(model.preprocess, intensity=intensity)
     model.arch = {"name": name, "num_classes": num_classes, "image_size": size,
                   **{k: _jsonable(v) for k, v in kw.items()}}
     if weights is not None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pneumoscope.errors import CheckpointError, ConfigError
+from pneumoscope.models.names import parse_trainable
 from pneumoscope.models.preprocess import IMAGENET_GREY_MEAN, IMAGENET_GREY_STD
 
 
@@ -104,3 +105,32 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
     """
     for p in model.backbone.parameters():
         p.requires_grad_(trainable)
+
+
+def backbone_stages(model: nn.Module) -> list[nn.Module]:
+    """The backbone as an ordered list of stages for partial fine-tuning (`apply_trainable`).
+
+    EfficientNet-Lite0: stem, each of its 16 MBConv blocks, then the conv head (+ its BN) as one stage.
+    Other models: the backbone's direct children in order.
+    """
+    b = model.backbone
+    if hasattr(b, "_blocks"):
+        head = nn.ModuleList([m for n, m in b.named_children() if n in ("_conv_head", "_bn1")])
+        stem = nn.ModuleList([m for n, m in b.named_children() if n in ("_conv_stem", "_bn0")])
+        return [stem, *b._blocks, head]
+    return list(b.children())
+
+
+def apply_trainable(model: nn.Module, spec: str) -> list[nn.Module]:
+    """Freeze the backbone except its last N stages (``spec`` as in `names.parse_trainable`); returns the frozen
+    stages. The caller puts them in eval mode after ``model.train()`` so their BatchNorm keeps the pretrained
+    statistics (frozen features mean frozen, running statistics included)."""
+    n = parse_trainable(spec)
+    if n is None:
+        return []
+    stages = backbone_stages(model)
+    frozen = stages[: max(0, len(stages) - n)]
+    for m in frozen:
+        for p in m.parameters():
+            p.requires_grad_(False)
+    return frozen

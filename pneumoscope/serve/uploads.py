@@ -12,7 +12,15 @@ import numpy as np
 from fastapi import HTTPException
 from PIL import Image
 
-from pneumoscope.data.images import DICOM_EXTENSIONS, MAX_IMAGE_PIXELS, is_dicom_path, load_jpeg_bytes_uint8, read_image_bytes, resize_uint8, to_uint8
+from pneumoscope.data.images import (
+    DICOM_EXTENSIONS,
+    MAX_IMAGE_PIXELS,
+    is_dicom_path,
+    load_jpeg_bytes_uint8,
+    read_image_bytes,
+    resize_uint8,
+    to_uint8,
+)
 from pneumoscope.errors import ImageReadError, ImageTooLargeError
 from pneumoscope.serve.db import StudyRecord
 from pneumoscope.trust.explain import overlay_png
@@ -44,7 +52,6 @@ def sniff(data: bytes, name: str, content_type: str | None) -> str | None:
 
 
 def _png(u8: np.ndarray) -> bytes:
-
     buf = io.BytesIO()
     Image.fromarray(u8, mode="L").save(buf, format="PNG", compress_level=3)
     return buf.getvalue()

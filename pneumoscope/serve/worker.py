@@ -91,7 +91,6 @@ class ModelWorker:
         heat_error = None
         if wanted:
             try:
-
                 maps = heatmaps(self.predictor, np.stack([images[i] for i in wanted]))
                 heat = dict(zip(wanted, maps))
             except Exception as e:  # noqa: BLE001 - a missing heatmap must not fail the prediction itself

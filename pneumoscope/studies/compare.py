@@ -52,7 +52,6 @@ def count_params(model: torch.nn.Module) -> int:
 
 
 def _row(name: str, y: np.ndarray, p: np.ndarray, threshold: float, **extra) -> dict:
-
     m = binary_metrics(y, p, threshold)
     return {"model": name, "val_auc": m["auc"], "accuracy": m["accuracy"], "sensitivity": m["sensitivity"],
             "specificity": m["specificity"], "threshold": threshold, **extra}
@@ -61,7 +60,6 @@ def _row(name: str, y: np.ndarray, p: np.ndarray, threshold: float, **extra) -> 
 def compare(base: TrainConfig, models: list[str], out: str | Path, tta: bool = False, ensemble: bool = False,
             per_model: dict[str, dict] | None = None) -> list[dict]:
     """Train each model (``per_model`` overrides, e.g. pretrained) and tabulate validation figures."""
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(base.device)
@@ -82,6 +80,7 @@ def compare(base: TrainConfig, models: list[str], out: str | Path, tta: bool = F
         model = model_from_checkpoint(ck).to(device).to(memory_format=torch.channels_last)
         pre = Preprocess.from_dict(ck["preprocess"])
         va = decode(val_s, pre.input_size, cfg, show=False)
+        va.x = torch.from_numpy(pre.standardise(va.x.numpy()))  # as training and the predictor do
         y = (va.y.numpy() > 0).astype(int)
         ips = float(np.median([h["images_per_s"] for h in m["history"]]))
         common = {"params": count_params(model), "train_images_per_s": ips, "wall_s": m["wall_seconds"],

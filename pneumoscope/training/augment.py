@@ -84,6 +84,19 @@ def random_noise(x: torch.Tensor, g: torch.Generator, std: float) -> torch.Tenso
     return (x + n.to(x.device, x.dtype)).clamp(0, 1)
 
 
+def random_downsample(x: torch.Tensor, g: torch.Generator, max_log2: float) -> torch.Tensor:
+    """Resolution loss: shrink by 2 ** u (u uniform in [0, ``max_log2``], one draw per batch; area filter) and
+    resize back (bilinear), blended per image by a uniform weight like ``random_blur``. 0 = off (draws nothing)."""
+    if max_log2 <= 0:
+        return x
+    h, w = x.shape[-2:]
+    f = 2.0 ** (torch.rand((), generator=g).item() * max_log2)
+    small = F.interpolate(x, size=(max(1, round(h / f)), max(1, round(w / f))), mode="area")
+    y = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    wgt = torch.rand(x.shape[0], generator=g).view(-1, 1, 1, 1).to(x.device, x.dtype)
+    return x + wgt * (y - x)
+
+
 def augment_batch(x: torch.Tensor, g: torch.Generator, cfg) -> torch.Tensor:
     """Apply the configured augmentation (a ``TrainConfig``) to a float batch in [0, 1].
 
@@ -92,5 +105,6 @@ def augment_batch(x: torch.Tensor, g: torch.Generator, cfg) -> torch.Tensor:
     """
     x = random_affine(x, g, cfg.rotate_deg, cfg.scale, cfg.translate, cfg.hflip)
     x = random_blur(x, g, cfg.blur)
+    x = random_downsample(x, g, cfg.downsample)
     x = random_intensity(x, g, cfg.brightness, cfg.contrast, cfg.gamma)
     return random_noise(x, g, cfg.noise)

@@ -21,7 +21,7 @@ from pneumoscope.data.prefetch import Prefetch
 from pneumoscope.evaluation.report import plot_history
 from pneumoscope.inference.runtime import normalize, predict_logits
 from pneumoscope.models.checkpoint import load_checkpoint
-from pneumoscope.models.weights import param_groups, set_backbone_trainable
+from pneumoscope.models.weights import apply_trainable, param_groups, set_backbone_trainable
 from pneumoscope.training.augment import augment_batch
 from pneumoscope.training.checkpoint import TrainState, save_epoch, weights_digest
 from pneumoscope.training.history import best_val_logits, epoch_line, val_at_threshold, validation_scores, write_history
@@ -54,7 +54,8 @@ def train(cfg: TrainConfig | dict | str | None = None, *, resume: str | None = N
             break
         t0 = time.perf_counter()
         set_backbone_trainable(model, epoch > cfg.freeze_epochs)
-        loss, accuracy, seen = train_epoch(run, net, opt, sched, scaler, loss_fn, epoch, steps)
+        frozen = apply_trainable(model, cfg.trainable)  # trainable head / last:N: a fixed part of the backbone
+        loss, accuracy, seen = train_epoch(run, net, opt, sched, scaler, loss_fn, epoch, steps, frozen)
         train_seconds = time.perf_counter() - t0
         val_logits = predict_logits(model, run.va.x, model.preprocess, run.device, run.amp)
         h = {"epoch": epoch, "loss": loss, "accuracy": accuracy, **validation_scores(val_logits, y_val),
@@ -72,8 +73,10 @@ def train(cfg: TrainConfig | dict | str | None = None, *, resume: str | None = N
     return summarise(run, state)
 
 
-def train_epoch(run: Run, net, opt, sched, scaler, loss_fn, epoch: int, steps: int) -> tuple[float, float, int]:
-    """One pass over (this rank's share of) the training images; returns mean loss, accuracy at 0.5, images seen."""
+def train_epoch(run: Run, net, opt, sched, scaler, loss_fn, epoch: int, steps: int,
+                frozen: list[torch.nn.Module]) -> tuple[float, float, int]:
+    """One pass over (this rank's share of) the training images; returns mean loss, accuracy at 0.5, images seen.
+    ``frozen`` stages stay in eval mode: their BatchNorm keeps its pretrained statistics."""
     cfg, tr, device, pre = run.cfg, run.tr, run.device, run.model.preprocess
     # every random draw of this epoch comes from (seed, epoch): a resumed run repeats it exactly
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
@@ -85,6 +88,8 @@ def train_epoch(run: Run, net, opt, sched, scaler, loss_fn, epoch: int, steps: i
         order = torch.randperm(len(tr.y), generator=g)
     order = order[run.dist.rank::run.dist.world][: steps * cfg.batch_size]
     net.train()
+    for m in frozen:
+        m.eval()
     loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
     bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, unit="batch",
                disable=not (cfg.progress and run.dist.main))

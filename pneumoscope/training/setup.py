@@ -131,7 +131,8 @@ def start_run(cfg: TrainConfig, prefetch: Prefetch | None) -> Run:
     train_s, val_s, label_names, val_how = prefetch.split() if prefetch else split_samples(cfg)
     n_classes = len(label_names)
     model = create_model(cfg.model, num_classes=1 if n_classes == 2 else n_classes, image_size=cfg.image_size,
-                         pretrained=cfg.pretrained, weights=cfg.weights or None, **cfg.model_kwargs)
+                         pretrained=cfg.pretrained, weights=cfg.weights or None, intensity=cfg.intensity,
+                         **cfg.model_kwargs)
     size = model.preprocess.input_size
     cfg.image_size = size
     if dist.main:
@@ -151,6 +152,9 @@ def start_run(cfg: TrainConfig, prefetch: Prefetch | None) -> Run:
         if prefetch is not None:  # decoded at another size than the model's: stop it, decode here
             prefetch.close()
         tr, va = decode(train_s, size, cfg, dist.main), decode(val_s, size, cfg, dist.main)
+    if model.preprocess.intensity != "none":  # standardised once, as Predictor / ONNX / Grad-CAM do before the model
+        for a in (tr, va):
+            a.x = torch.from_numpy(model.preprocess.standardise(a.x.numpy()))
     if dist.main:
         def counts(a: Arrays) -> str:
             return ", ".join(f"{n} {c}" for c, n in zip(label_names, torch.bincount(a.y, minlength=n_classes).tolist()))

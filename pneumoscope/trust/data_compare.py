@@ -42,7 +42,6 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _pick(folder: str | Path, limit: int, seed: int) -> list[Path]:
-
     paths = expand_paths([folder])
     if not Path(folder).is_dir() or not paths:
         raise DatasetLayoutError(f"{folder}: not a folder holding image or DICOM files")
@@ -113,7 +112,6 @@ def data_compare(reference_dir: str | Path, target_dir: str | Path, checkpoint: 
 
 
 def _embedding_compare(checkpoint, ref_paths: list[Path], tgt_paths: list[Path], progress: bool) -> dict:
-
     predictor = load(checkpoint)
     size = predictor.preprocess.input_size
     fr = embed(predictor, decode_all(ref_paths, size, progress=progress).images)
@@ -128,7 +126,6 @@ def _embedding_compare(checkpoint, ref_paths: list[Path], tgt_paths: list[Path],
 
 
 def _write_compare(r: dict, h_ref, h_tgt, s_ref, s_tgt, out: Path) -> None:
-
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(r, indent=2))
 

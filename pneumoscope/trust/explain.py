@@ -78,7 +78,7 @@ def heatmaps(predictor, images_u8: np.ndarray, class_idx: int | None = None) -> 
     net = pneumonia_logit(model, class_idx).eval()
     cam = GradCAM(nn_module=net, target_layers="model." + layer, postprocessing=_unit_max)
     dev = predictor.device
-    x = torch.from_numpy(np.array(x_u8, copy=True)).unsqueeze(1).to(dev).float().div_(255)
+    x = torch.from_numpy(np.array(predictor.preprocess.standardise(x_u8), copy=True)).unsqueeze(1).to(dev).float().div_(255)
     x = normalize(x, predictor.preprocess).contiguous().requires_grad_(True)
     has_rnn = any(isinstance(m, nn.RNNBase) for m in model.modules())
     with torch.enable_grad(), torch.backends.cudnn.flags(enabled=not (has_rnn and dev.type == "cuda")):

@@ -63,7 +63,6 @@ def _as_batch(images) -> tuple[np.ndarray, Callable]:
     def restore(out: np.ndarray):
         out = out[0] if single else out
         if is_torch:
-
             return torch.from_numpy(np.ascontiguousarray(out))
         return out
 
@@ -75,7 +74,6 @@ def _to_u8(x: np.ndarray) -> np.ndarray:
 
 
 def _resize(img: np.ndarray, w: int, h: int, resample) -> np.ndarray:
-
     return np.asarray(Image.fromarray(np.ascontiguousarray(img), mode="L").resize((w, h), resample), dtype=np.uint8)
 
 
@@ -194,7 +192,6 @@ def apply(name: str, images, strength: float, seed: int = 0):
 
 # ------------------------------------------------------------------------------------------- study
 def _metrics(y: np.ndarray, logits: np.ndarray, predictor) -> dict:
-
     p = pneumonia_score(logits, predictor.temperature or 1.0, predictor.calibration_bias)
     m = binary_metrics(y, p, predictor.threshold)
     return {"auc": m["auc"], "accuracy": m["accuracy"], "sensitivity": m["sensitivity"],

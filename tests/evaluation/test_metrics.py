@@ -120,13 +120,13 @@ def test_bootstrap_auc_kernel_matches_sklearn_with_ties():
     y = rng.integers(0, 2, 300)
     p = np.round(rng.random(300) * 0.6 + 0.3 * y, 1)  # many ties
     pos, neg = p[y == 1], p[y == 0]
-    auc = M._auc_from_counts(pos, neg, np.ones((1, pos.size)), np.ones((1, neg.size)))
+    auc = M.auc_from_counts(pos, neg, np.ones((1, pos.size)), np.ones((1, neg.size)))
     assert auc[0] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
     # integer counts are the same as repeating cases
     cpos, cneg = rng.integers(0, 3, (1, pos.size)), rng.integers(0, 3, (1, neg.size))
     yy = np.r_[np.ones(cpos.sum()), np.zeros(cneg.sum())]
     pp = np.r_[np.repeat(pos, cpos[0]), np.repeat(neg, cneg[0])]
-    assert M._auc_from_counts(pos, neg, cpos, cneg)[0] == pytest.approx(roc_auc_score(yy, pp), abs=1e-12)
+    assert M.auc_from_counts(pos, neg, cpos, cneg)[0] == pytest.approx(roc_auc_score(yy, pp), abs=1e-12)
 
 
 def test_bootstrap_ci_contains_estimate_narrows_reproducible():

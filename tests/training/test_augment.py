@@ -62,3 +62,15 @@ def test_batched_blur_equals_per_image_separable_convolution():
     w = torch.rand(5, generator=torch.Generator().manual_seed(3)).view(-1, 1, 1, 1)
     out = random_blur(x, torch.Generator().manual_seed(3), 1.5)
     torch.testing.assert_close(out, x + w * (ref - x), atol=1e-6, rtol=0)
+
+
+def test_random_downsample_off_and_shape():
+    from pneumoscope.training.augment import random_downsample
+
+    x = torch.rand(4, 1, 32, 32)
+    g = torch.Generator().manual_seed(0)
+    assert random_downsample(x, g, 0.0) is x
+    y = random_downsample(x, torch.Generator().manual_seed(0), 2.0)
+    assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+    assert y.std() < x.std()  # fine detail removed (towards the blurred copy)
+    torch.testing.assert_close(y, random_downsample(x, torch.Generator().manual_seed(0), 2.0))
