@@ -16,9 +16,9 @@ Exit status 1 when a request failed, the database disagrees, or p99 misses --tar
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
-import hashlib
 import socket
 import subprocess
 import sys

@@ -5,6 +5,7 @@ training, the split re-made from a checkpoint (evaluation, trust), the studies."
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,88 @@ import yaml
 from pneumoscope.data.intensity import METHODS as INTENSITY_METHODS
 from pneumoscope.errors import ConfigError
 from pneumoscope.models.names import list_models, parse_trainable
+
+# THE table of allowed values, one row per key that has bounds or choices; types come from TrainConfig's
+# annotations. (lo, hi): inclusive; "(lo" / "hi)" in OPEN marks an open end. A new field only needs a row here.
+# Checked once per value, for YAML files and flags alike (``check_value``), and again by ``TrainConfig.validate``.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "image_size": (16, 1024), "epochs": (1, 1000), "batch_size": (2, 4096), "lr": (0.0, 10.0),
+    "weight_decay": (0.0, 1.0), "val_fraction": (0.0, 1.0), "min_val_split": (0, 1_000_000),
+    "seed": (0, 2**32 - 1), "label_smoothing": (0.0, 0.5), "rotate_deg": (0.0, 180.0), "scale": (0.0, 0.9),
+    "translate": (0.0, 0.5), "brightness": (0.0, 1.0), "contrast": (0.0, 1.0), "gamma": (0.0, 3.0),
+    "blur": (0.0, 20.0), "downsample": (0.0, 4.0), "noise": (0.0, 1.0), "patience": (1, 1000), "threads": (0, 256), "workers": (0, 256),
+    "limit": (0, 100_000_000), "freeze_epochs": (0, 1000), "backbone_lr_mult": (0.0, 100.0),
+}
+OPEN = {"lr": "(lo", "val_fraction": "(lo hi)", "label_smoothing": "hi)"}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "labels": ("binary", "ternary"), "imbalance": ("weighted", "sampler", "none"),
+    "precision": ("auto", "bf16", "fp16", "fp32"), "intensity": tuple(INTENSITY_METHODS),
+}
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _allowed(key: str) -> str:
+    lo, hi = BOUNDS[key]
+    o = OPEN.get(key, "")
+    return f"{'(' if '(lo' in o else '['}{lo:g}, {hi:g}{')' if 'hi)' in o else ']'}"
+
+
+def check_value(key: str, value, where: str = "config value"):
+    """``value`` of ``key`` coerced to the field's type and checked against BOUNDS / CHOICES; raises a
+    ConfigError naming the key, the value, where it came from and what is allowed. Bools must be bools (or
+    yes/no, true/false, on/off strings), ints must not have a fraction."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    if key not in types:
+        raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(config_keys())}")
+    t = types[key]
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{where} {key}={value!r} is invalid: {why}")
+
+    if value is None:
+        if "None" in t:
+            return None
+        raise bad(f"expected {t.split(' ')[0]}, got nothing")
+    base = t.split(" ")[0]
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad("expected true or false (yes/no)")
+    if base in ("int", "float"):
+        v = value
+        if isinstance(v, str):
+            try:
+                v = float(v.strip()) if base == "float" or "." in v or "e" in v.lower() else int(v.strip())
+            except ValueError:
+                raise bad(f"expected a{'n integer' if base == 'int' else ' number'}") from None
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):  # numpy numbers too
+            raise bad(f"expected a{'n integer' if base == 'int' else ' number'}, got {type(value).__name__}")
+        if v != v or v in (float("inf"), float("-inf")):
+            raise bad("expected a finite number")
+        if base == "int":
+            if float(v) != int(v):
+                raise bad("expected a whole number (no fraction)")
+            v = int(v)
+        else:
+            v = float(v)
+        if key in BOUNDS:
+            lo, hi = BOUNDS[key]
+            o = OPEN.get(key, "")
+            if v < lo or v > hi or (v == lo and "(lo" in o) or (v == hi and "hi)" in o):
+                raise bad(f"allowed range {_allowed(key)}")
+        return v
+    if base == "dict":
+        if not isinstance(value, dict):
+            raise bad("expected a mapping of keyword arguments, e.g. {dropout: 0.2}")
+        return value
+    if isinstance(value, (dict, list, tuple)):
+        raise bad("expected a single text value")
+    v = str(value)
+    if key in CHOICES and v not in CHOICES[key]:
+        raise bad(f"choose {', '.join(CHOICES[key])}")
+    return v
 
 
 @dataclass
@@ -66,38 +149,11 @@ class TrainConfig:
 
         if not self.data:
             raise ConfigError("config value data is missing: pass --data DIR (a folder with NORMAL/ and PNEUMONIA/)")
-        if self.epochs < 1:
-            raise bad("epochs", "must be at least 1")
-        if self.batch_size < 2:
-            raise bad("batch_size", "must be at least 2")
-        if self.image_size is not None and self.image_size < 16:
-            raise bad("image_size", "must be at least 16 pixels")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise bad("val_fraction", "must be between 0 and 1, e.g. 0.15")
-        if self.lr <= 0:
-            raise bad("lr", "must be positive")
-        if self.weight_decay < 0:
-            raise bad("weight_decay", "must be >= 0")
-        if self.labels not in ("binary", "ternary"):
-            raise bad("labels", "choose binary or ternary")
-        if self.imbalance not in ("weighted", "sampler", "none"):
-            raise bad("imbalance", "choose weighted, sampler or none")
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise bad("precision", "choose auto, bf16, fp16 or fp32")
+        for f in dataclasses.fields(self):  # types, ranges and choices: the one table above
+            setattr(self, f.name, check_value(f.name, getattr(self, f.name)))
         if not (self.threshold == "youden" or self.threshold.startswith("sensitivity:")):
             raise bad("threshold", "choose youden or sensitivity:TARGET, e.g. sensitivity:0.95")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise bad("label_smoothing", "must be in [0, 0.5)")
-        if self.blur < 0 or self.noise < 0 or self.downsample < 0:
-            raise ConfigError(f"config values blur={self.blur!r}, noise={self.noise!r} and downsample="
-                              f"{self.downsample!r} must be >= 0 (0 = off)")
-        if self.intensity not in INTENSITY_METHODS:
-            raise bad("intensity", f"choose one of {', '.join(INTENSITY_METHODS)}")
         parse_trainable(self.trainable)
-        if self.patience < 1:
-            raise bad("patience", "must be at least 1")
-        if self.limit < 0 or self.threads < 0 or self.workers < 0 or self.freeze_epochs < 0:
-            raise ConfigError("config values limit, threads, workers and freeze_epochs must be >= 0")
         if self.model not in list_models():
             raise bad("model", f"unknown model; choose one of {', '.join(list_models())}")
         return self
@@ -114,6 +170,12 @@ def config_keys() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
+def _refuse_unknown(values: dict) -> None:
+    unknown = sorted(set(values) - set(config_keys()))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}; known keys: {', '.join(config_keys())}")
+
+
 def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
     """Config from a YAML file (keys = flag names with underscores), then ``overrides`` that are not None."""
     values: dict = {}
@@ -127,23 +189,13 @@ def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping of keys to values")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = sorted(set(values) - set(config_keys()))
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {unknown}; known keys: {', '.join(config_keys())}")
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    for k, v in values.items():
-        t = str(types[k])
-        try:
-            if t.startswith("int") and v is not None and not isinstance(v, bool):
-                values[k] = int(v)
-            elif t.startswith("float"):
-                values[k] = float(v)
-            elif t.startswith("bool") and isinstance(v, str):
-                values[k] = v.lower() in ("1", "true", "yes", "on")
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"config value {k}={v!r} is invalid: expected {t}") from e
+        loaded = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+        _refuse_unknown(loaded)
+        # every value of the file is checked, also those a flag overrides: a wrong file is never hidden
+        values.update({k: check_value(k, v, f"config file {p}: value") for k, v in loaded.items()})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    _refuse_unknown(given)
+    values.update({k: check_value(k, v) for k, v in given.items()})
     return TrainConfig(**values)
 
 

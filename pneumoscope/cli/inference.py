@@ -22,15 +22,51 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_CODES = """exit codes:
+  0  every input was predicted
+  2  usage error, written nothing: no input file found, an output path that cannot be written, a bad checkpoint
+  3  some inputs failed (unreadable, corrupt, missing, ...): the others were processed and the output lists
+     each failed file with its error"""
+EXIT_SOME_FAILED = 3
+NO_INPUT = "no image or DICOM file found in {paths} (looked for .jpeg, .jpg, .png, .dcm, .dicom files)"
+
+
+def _inputs(given: list[str]) -> list:
+    """The files to process: folders expanded, missing paths and broken links kept (they become error rows)."""
+    from pneumoscope.data.folders import expand_paths
+
+    paths = expand_paths(given, broken_links=True)
+    if not paths:
+        raise PneumoscopeError(NO_INPUT.format(paths=" ".join(given)))
+    return paths
+
+
+def _check_output_file(path: str) -> None:
+    """Refuse an output file that cannot be written, before any work is done."""
+    import os
+    from pathlib import Path
+
+    p = Path(path)
+    folder = p.parent
+    if p.is_dir():
+        raise PneumoscopeError(f"-o {p} is a folder; pass a file name, e.g. -o {p / 'predictions.csv'}")
+    if folder.exists() and not folder.is_dir():
+        raise PneumoscopeError(f"-o {p}: {folder} is a file, not a folder; write elsewhere")
+    if not folder.is_dir():
+        raise PneumoscopeError(f"-o {p}: the folder {folder} does not exist; create it (mkdir -p {folder}) or "
+                               "write elsewhere")
+    if not os.access(folder, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise PneumoscopeError(f"-o {p}: permission denied; choose a file you can write")
+
+
 def _predict(args: argparse.Namespace) -> int:
     import csv
 
-    from pneumoscope.data.folders import expand_paths
     from pneumoscope.inference.loader import load
 
-    paths = expand_paths(args.paths)
-    if not paths:
-        raise PneumoscopeError(f"no image or DICOM file found in {args.paths}")
+    if args.output:
+        _check_output_file(args.output)
+    paths = _inputs(args.paths)
     results = load(args.checkpoint, device=args.device).predict(paths, adapt=args.adapt_to_batch)
     fmt = args.format or ("json" if args.output and args.output.endswith(".json") else "csv")
     out = open(args.output, "w", newline="") if args.output else sys.stdout
@@ -38,8 +74,8 @@ def _predict(args: argparse.Namespace) -> int:
         if fmt == "json":
             out.write(json.dumps(results, indent=2) + "\n")
         else:
-            cols = ["path", "patient_id", "probability", "calibrated_probability", "label", "threshold", "ood_score",
-                    "out_of_distribution", "not_assessed_reason", "warnings", "error"]
+            cols = ["path", "patient_id", "probability", "calibrated_probability", "label", "label_from", "threshold",
+                    "ood_score", "out_of_distribution", "not_assessed_reason", "warnings", "error"]
             if args.adapt_to_batch:
                 cols[4:4] = ["adapted_probability", "adaptation"]
             w = csv.DictWriter(out, fieldnames=cols, extrasaction="ignore")
@@ -53,14 +89,30 @@ def _predict(args: argparse.Namespace) -> int:
             out.close()
     bad = [r for r in results if "error" in r]
     if bad:
-        log.warning("%d of %d files could not be read: %s", len(bad), len(results), ", ".join(r["path"] for r in bad))
+        log.warning("%d of %d files could not be read (error rows in the output, exit code %d): %s", len(bad),
+                    len(results), EXIT_SOME_FAILED, ", ".join(r["path"] for r in bad))
+        return EXIT_SOME_FAILED
     return 0
 
 
 def _explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from pneumoscope.trust.explain import explain
 
-    explain(args.checkpoint, args.paths, args.out, device=args.device)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise PneumoscopeError(f"--out {out} is an existing file, not a folder; pass a folder for the overlays")
+    blocking = next((a for a in out.parents if a.exists() and not a.is_dir()), None)
+    if blocking is not None:
+        raise PneumoscopeError(f"--out {out}: {blocking} is a file, so the folder cannot be made; pass another folder")
+    paths = _inputs(args.paths)
+    errors: list[dict] = []
+    explain(args.checkpoint, paths, out, device=args.device, errors=errors)
+    if errors:
+        log.warning("%d of %d files could not be explained (exit code %d):\n%s", len(errors), len(paths),
+                    EXIT_SOME_FAILED, "\n".join(f"  {e['error']}" for e in errors))
+        return EXIT_SOME_FAILED
     return 0
 
 
@@ -102,7 +154,10 @@ def register(sub) -> None:
     _add_adapt(s)
     s.set_defaults(func=_evaluate)
 
-    s = sub.add_parser("predict", help="probability of pneumonia for image/DICOM files or folders")
+    s = sub.add_parser("predict", help="probability of pneumonia for image/DICOM files or folders",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="The label is PNEUMONIA when the calibrated probability (column calibrated_probability, "
+                              "named in label_from) is at least the threshold.\n\n" + EXIT_CODES)
     s.add_argument("paths", nargs="+", metavar="PATH")
     s.add_argument("--checkpoint", help="best.pt of a run (default: the bundled model)")
     s.add_argument("--output", "-o", help="write CSV or JSON here (default: CSV on stdout)")
@@ -111,7 +166,8 @@ def register(sub) -> None:
     _add_adapt(s)
     s.set_defaults(func=_predict)
 
-    s = sub.add_parser("explain", help="Grad-CAM heatmap overlays (PNG) of the pneumonia score")
+    s = sub.add_parser("explain", help="Grad-CAM heatmap overlays (PNG) of the pneumonia score",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES)
     s.add_argument("paths", nargs="+", metavar="PATH", help="image/DICOM files or folders")
     s.add_argument("--checkpoint", help="best.pt of a run (default: the bundled model)")
     s.add_argument("--out", default="explain", help="folder for <stem>_gradcam.png (default ./explain)")

@@ -260,14 +260,17 @@ def split_by_patient(samples: list[Sample], val_fraction: float, seed: int = 0) 
     return sorted(train, key=key), sorted(val, key=key)
 
 
-def expand_paths(inputs: list[str | Path]) -> list[Path]:
-    """Files as given; folders expanded recursively to their image/DICOM files (sorted, hidden files skipped)."""
+def expand_paths(inputs: list[str | Path], broken_links: bool = False) -> list[Path]:
+    """Files as given; folders expanded recursively to their image/DICOM files (sorted, hidden files skipped).
+
+    ``broken_links``: also list a folder's image-named symbolic links that lead nowhere (dangling, or a loop), so
+    that the caller reports them instead of skipping them silently."""
     out: list[Path] = []
     for i in inputs:
         p = Path(i)
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in FILE_EXTENSIONS
-                          and not f.name.startswith("."))
+            out += sorted(f for f in p.rglob("*") if (f.is_file() or (broken_links and f.is_symlink()))
+                          and f.suffix.lower() in FILE_EXTENSIONS and not f.name.startswith("."))
         else:
             out.append(p)
     return out

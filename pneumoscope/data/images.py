@@ -11,6 +11,7 @@ Two paths:
 """
 from __future__ import annotations
 
+import errno
 import io
 import logging
 from pathlib import Path
@@ -24,7 +25,9 @@ from pneumoscope.errors import ImageReadError, ImageTooLargeError, IntensityRang
 
 log = logging.getLogger(__name__)
 
-MAX_IMAGE_PIXELS = 64_000_000
+# THE decompression-bomb limit of the project (CLI, training decode, service): pixels per image (6000 x 6000),
+# checked from the header (PNG/JPEG size, DICOM Rows x Columns) before any pixel is decoded.
+MAX_IMAGE_PIXELS = 36_000_000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 
@@ -34,6 +37,19 @@ _16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 # ImageReadError (a ValueError) with this tuple: the blocks it guards do not raise it.
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError)
 PIL_ERRORS = _PIL_ERRORS  # what Pillow raises on corrupt or truncated files (public, for callers that open files)
+
+
+def os_error_message(name: str | Path, e: OSError) -> str:
+    """A clear message (naming ``name`` and the fix) for what the OS said when a file could not be opened."""
+    if isinstance(e, FileNotFoundError):
+        return f"{name}: no such file or folder; check the path (relative paths start in the current folder)"
+    if isinstance(e, PermissionError):
+        return f"{name}: permission denied; make the file readable (chmod a+r) or run as a user who can read it"
+    if isinstance(e, IsADirectoryError):
+        return f"{name}: is a folder where a file was expected"
+    if e.errno == errno.ELOOP:
+        return f"{name}: symbolic link loop; point the link at a real file"
+    return f"{name}: cannot be read ({e.strerror or type(e).__name__}); check the file and its disk"
 
 
 def is_dicom_path(path: str | Path) -> bool:
@@ -118,12 +134,18 @@ def _open_pil(fp: BinaryIO, name: str, max_pixels: int):
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(f"{name}: {e} Downscale the image before reading it.") from e
     except UnidentifiedImageError as e:
+        head = fp.seek(0) or fp.read(8)
+        if head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")):  # the magic is right, the header is not
+            kind = "PNG" if head.startswith(b"\x89PNG") else "JPEG"
+            raise ImageReadError(f"{name}: corrupt {kind} header (a {kind} file, but Pillow cannot read its header: "
+                                 "damaged in transfer?); re-export or re-download it") from e
         raise ImageReadError(
             f"{name}: not a JPEG, PNG or DICOM image (Pillow cannot identify it); "
             "convert it to PNG, or give a DICOM file a .dcm extension"
         ) from e
     except _PIL_ERRORS as e:
-        raise ImageReadError(f"{name}: corrupt image header ({type(e).__name__}: {e})") from e
+        raise ImageReadError(f"{name}: corrupt image header ({type(e).__name__}: {e}); the file is truncated or "
+                             "damaged: re-export or re-download it") from e
     w, h = im.size
     # Pillow only warns (DecompressionBombWarning) above Image.MAX_IMAGE_PIXELS: refuse those too. Checking the
     # size ourselves instead of turning the warning into an error keeps this thread-safe (no warnings filters).

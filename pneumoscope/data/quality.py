@@ -146,10 +146,14 @@ def bytes_warnings(data: bytes, name: str, min_side: int | None = None) -> list[
         return list(meta.get("warnings", [])) + image_warnings(img, meta, min_side)
     try:
         with Image.open(io.BytesIO(data)) as src:
+            orientation = src.getexif().get(0x0112, 1)
+            read = [f"EXIF orientation {orientation} applied"] if orientation not in (1, None) else []
+            if "A" in src.mode or "transparency" in src.info:  # the same words as images.read_image's meta
+                read.append(f"alpha channel of the {src.mode} image dropped")
             im = ImageOps.exif_transpose(src)
             arr = np.asarray(im.convert("RGB") if im.mode not in ("L", "I;16", "I;16B", "I;16L", "I") else im)
     except PIL_ERRORS as e:
         raise ImageReadError(f"{name}: cannot decode ({type(e).__name__}: {e})") from e
     if arr.dtype not in (np.uint8, np.uint16):
         arr = np.clip(arr, 0, 65535).astype(np.uint16)
-    return image_warnings(arr, None, min_side)
+    return read + image_warnings(arr, None, min_side)

@@ -15,6 +15,7 @@ from pneumoscope.data.images import (
     check_intensity,
     is_dicom_path,
     load_uint8,
+    os_error_message,
     read_image,
     resize_uint8,
     to_uint8,
@@ -112,9 +113,9 @@ class Predictor:
                 known = quality[i] if quality is not None else None
                 r["warnings"] = list(known) if known is not None else self.input_warnings(item, u8, meta)
                 ready.append((i, u8))
-            except ImageReadError as e:
-                log.warning("cannot read %s: %s", name, e)
-                r["error"] = str(e)
+            except (ImageReadError, OSError) as e:  # OSError: missing, unreadable, a link loop, ...
+                r["error"] = os_error_message(name, e) if isinstance(e, OSError) else str(e)
+                log.warning("cannot read %s", r["error"])
             results.append(r)
         for start in range(0, len(ready), batch_size):
             chunk = ready[start:start + batch_size]
@@ -133,6 +134,7 @@ class Predictor:
                 score = p_cal if self.temperature else p_raw
                 r["label"] = ("PNEUMONIA" if score >= self.threshold else "NORMAL") if "not_assessed_reason" not in r \
                     else NOT_ASSESSED
+                r["label_from"] = "calibrated_probability" if self.temperature else "probability"  # >= threshold
                 r["threshold"] = self.threshold
                 if len(self.label_names) > 2:
                     probs = softmax(lg[None] / (self.temperature or 1.0))[0]
@@ -145,6 +147,7 @@ class Predictor:
                 r["adapted_probability"], r["adaptation"] = float(q), adapt
                 if r["label"] != NOT_ASSESSED:
                     r["label"] = "PNEUMONIA" if q >= self.threshold else "NORMAL"
+                r["label_from"] = "adapted_probability"
                 r["warnings"].append(f"label from the probability adapted to this batch of {info['n']} images "
                                      f"(--adapt-to-batch {adapt}); calibrated_probability is the plain model's")
         return results

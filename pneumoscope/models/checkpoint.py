@@ -8,6 +8,8 @@ chosen, ``temperature`` (calibration), ``metrics``, ``config``, ``epoch``; ``las
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -19,6 +21,19 @@ from pneumoscope.models.registry import rebuild
 FORMAT = "pneumoscope-checkpoint"
 FORMAT_VERSION = 1
 REQUIRED = ("arch", "preprocess", "label_names", "state_dict")
+# What torch.load(weights_only=True) raises on a file that is not a pneumoscope checkpoint, found by trying: zero
+# bytes (EOFError), random bytes (UnpicklingError, IndexError 'pop from empty list', KeyError, UnicodeDecodeError),
+# text (KeyError), a zip that is not torch's and a truncated checkpoint (RuntimeError), a pickled nn.Module
+# (UnpicklingError with advice to weaken the safe loader: never passed on).
+LOAD_ERRORS = (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError, IndexError, TypeError,
+               AttributeError, OSError, zipfile.BadZipFile, MemoryError)
+
+
+def _not_a_checkpoint(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a pneumoscope checkpoint (expected a file written by pneumoscope train, with keys "
+        f"{', '.join(REQUIRED)}): {why}; pass the best.pt of a training run, or leave --checkpoint out to use the "
+        "bundled model")
 
 
 def save_checkpoint(payload: dict, path: str | Path) -> Path:
@@ -41,15 +56,21 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} not found: pass the best.pt of a training run (pneumoscope train --out RUN_DIR)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated zip, not a torch file, ...
-        raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__}: {e}); re-train or copy it again") from e
+    except LOAD_ERRORS as e:  # torch's message may suggest weights_only=False or safe globals: never repeated
+        why = "the file is empty" if path.stat().st_size == 0 else (
+            "the file is truncated (its zip directory is missing)" if "central directory" in str(e) else
+            "it is not a torch file of tensors (pickled code, or other bytes)" if isinstance(e, pickle.UnpicklingError) else
+            f"it cannot be read as a torch file ({type(e).__name__})")
+        raise _not_a_checkpoint(path, why) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a pneumoscope checkpoint (no '{FORMAT}' format tag)")
+        raise _not_a_checkpoint(path, f"it holds a {type(ckpt).__name__}" + (
+            f" with keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else "")
+            + f", without the '{FORMAT}' format tag")
     if ckpt.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {ckpt['format_version']}; this pneumoscope reads up to {FORMAT_VERSION}: upgrade pneumoscope")
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {missing}")
+        raise _not_a_checkpoint(path, f"it lacks {missing}")
     return ckpt
 
 

@@ -40,7 +40,7 @@ from pneumoscope.inference.predictor import Predictor
 from pneumoscope.serve.db import ModelRecord, PredictionRecord, StudyDB
 from pneumoscope.serve.security import PAGE_CSP, REPORT_CSP, Guard, api_key_header
 from pneumoscope.serve.study_report import build_report, render_html
-from pneumoscope.serve.uploads import Upload, decode_upload, heatmap_overlay, pseudonym
+from pneumoscope.serve.uploads import Upload, add_upload_error_handlers, decode_upload, heatmap_overlay, pseudonym
 from pneumoscope.serve.worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,7 @@ def create_app(checkpoint=None, db_path: str | Path = "pneumoscope-studies.db", 
                   description="Pneumonia decision support on chest X-rays. Decision support only: every result "
                               "must be reviewed by a qualified radiologist.")
     app.add_middleware(Guard, api_key=api_key, max_body=max_upload_bytes)
+    add_upload_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.state.predictor, app.state.db, app.state.worker = predictor, svc.db, svc.worker
     app.include_router(_page_routes(svc))
@@ -244,6 +245,7 @@ def _result(d: Upload, e: PredictionRecord, r: dict, s: dict) -> dict:
         "filename": d.name, "study_id": sid, "prediction_id": s["prediction_id"], "duplicate": s["duplicate"],
         "format": e.study.format, "modality": e.study.modality, "probability": e.probability,
         "calibrated_probability": e.calibrated_probability, "label": e.label, "threshold": e.threshold,
+        "label_from": "probability" if e.calibrated_probability is None else "calibrated_probability",
         "heatmap_png_base64": None if e.heatmap_png is None else base64.b64encode(e.heatmap_png).decode(),
         "image_url": f"/studies/{sid}/image.png", "heatmap_url": f"/studies/{sid}/heatmap.png",
         "report_url": f"/studies/{sid}/report", "warnings": warnings, "ood_score": r.get("ood_score"),

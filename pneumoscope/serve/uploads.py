@@ -14,6 +14,7 @@ from PIL import Image
 
 from pneumoscope.data.images import (
     DICOM_EXTENSIONS,
+    MAX_IMAGE_PIXELS,
     is_dicom_path,
     load_jpeg_bytes_uint8,
     read_image_bytes,
@@ -25,7 +26,7 @@ from pneumoscope.errors import ImageReadError, ImageTooLargeError
 from pneumoscope.serve.db import StudyRecord
 from pneumoscope.trust.explain import overlay_png
 
-MAX_PIXELS = 36_000_000      # decoded pixels per image (6000 x 6000); above: decompression bomb, 422
+MAX_PIXELS = MAX_IMAGE_PIXELS  # the project's one limit (data/images.py); above: decompression bomb, 422
 VIEW_SIDE = 1024             # longest side of the viewer copy stored in the database
 HEATMAP_SIDE = 512           # longest side of the heatmap overlay
 HEATMAP_ALPHA = 0.4
@@ -127,6 +128,45 @@ def heatmap_overlay(view_u8: np.ndarray, heat: np.ndarray) -> bytes:
     """The Grad-CAM overlay PNG on the viewer copy (longest side HEATMAP_SIDE)."""
 
     return overlay_png(fit(view_u8, HEATMAP_SIDE), heat, alpha=HEATMAP_ALPHA)
+
+
+UPLOAD_HINT = ("send the image as multipart/form-data field 'file' (repeat the field for several files), e.g. "
+               "curl -F file=@image.jpeg http://HOST:PORT/predict")
+
+
+def add_upload_error_handlers(app) -> None:
+    """Clear answers on POST /predict for a body that is not the expected multipart form (FastAPI's generic
+    ``Field required`` list, Starlette's bare ``Invalid multipart data.``); other routes keep FastAPI's answers."""
+    from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    def on_predict(request) -> bool:
+        return request.url.path == "/predict" and request.method == "POST"
+
+    @app.exception_handler(RequestValidationError)
+    async def validation(request, exc: RequestValidationError):
+        about_file = [e for e in exc.errors() if tuple(e.get("loc", ()))[:2] == ("body", "file")]
+        if not on_predict(request) or not about_file:
+            return await request_validation_exception_handler(request, exc)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip() or "none"
+        if ctype != "multipart/form-data":
+            got = f"the body is not a multipart form (Content-Type: {ctype})"
+        elif any(e.get("type") == "missing" for e in about_file):
+            got = "no multipart field 'file' in the form"
+        else:  # a part without a filename is a text field: never echo its bytes back
+            got = "the field 'file' holds text, not a file (its part has no filename)"
+        return JSONResponse({"detail": f"no image received: {got}; {UPLOAD_HINT}"}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        if on_predict(request) and exc.status_code == 400 and str(exc.detail).startswith(
+                ("Invalid multipart", "Field exceeded", "Too many", "Missing boundary")):
+            return JSONResponse({"detail": f"the multipart body could not be parsed ({exc.detail} A part header "
+                                           "over 4 kB, e.g. a file name of thousands of characters, or a missing "
+                                           f"boundary causes this); use a short file name and {UPLOAD_HINT}"}, 400)
+        return await http_exception_handler(request, exc)
 
 
 def pseudonym(salt: str, value: str) -> str:

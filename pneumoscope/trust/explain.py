@@ -29,8 +29,8 @@ from PIL import Image
 from torch import nn
 
 from pneumoscope.data.folders import expand_paths
-from pneumoscope.data.images import read_image, to_uint8
-from pneumoscope.errors import ImageReadError
+from pneumoscope.data.images import os_error_message, read_image, to_uint8
+from pneumoscope.errors import ImageReadError, PneumoscopeError
 from pneumoscope.inference.assess import NOT_ASSESSED
 from pneumoscope.inference.loader import load
 from pneumoscope.inference.runtime import normalize
@@ -129,21 +129,27 @@ def overlay_png(image_u8: np.ndarray, heat: np.ndarray, alpha: float = 0.4, cmap
 
 
 def explain(checkpoint: str | Path | None, paths: list[str | Path], out_dir: str | Path,
-            device: str = "auto") -> list[Path]:
+            device: str = "auto", errors: list[dict] | None = None) -> list[Path]:
     """Write ``<stem>_gradcam.png`` into ``out_dir`` for every image/DICOM file (folders are expanded).
 
-    ``checkpoint=None`` explains the bundled default model. Unreadable files are logged and skipped; so are images
-    the model cannot assess (inference/assess.py), with their reason; every warning of ``predict`` is logged.
+    ``checkpoint=None`` explains the bundled default model. Unreadable files (corrupt, missing, unreadable, a link
+    loop) are logged and skipped; ``errors``, when given, receives ``{"path", "error"}`` for each of them. Images
+    the model cannot assess (inference/assess.py) get no overlay, with their reason logged; every warning of
+    ``predict`` is logged. Two inputs with the same stem get ``<stem>_gradcam.png`` and ``<stem>_2_gradcam.png``.
     """
 
-    predictor = load(checkpoint, device=device)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise PneumoscopeError(f"--out {out} is an existing file, not a folder; pass a folder for the overlays")
+    predictor = load(checkpoint, device=device)
     out.mkdir(parents=True, exist_ok=True)
-    files = expand_paths(list(paths))
+    files = expand_paths(list(paths), broken_links=True)
     written: list[Path] = []
     for p, r in zip(files, predictor.predict(files)):  # the warnings and "not assessed" of predict (assess.py)
         if "error" in r:
             log.warning("cannot explain %s: %s", p, r["error"])
+            if errors is not None:
+                errors.append({"path": str(p), "error": r["error"]})
             continue
         for w in r["warnings"]:
             log.warning("%s: %s", p, w)
@@ -152,10 +158,16 @@ def explain(checkpoint: str | Path | None, paths: list[str | Path], out_dir: str
             continue
         try:
             image, heat = heatmap_for_file(predictor, p)
-        except ImageReadError as e:
-            log.warning("cannot explain %s: %s", p, e)
+        except (ImageReadError, OSError) as e:
+            msg = os_error_message(p, e) if isinstance(e, OSError) else str(e)
+            log.warning("cannot explain %s", msg)
+            if errors is not None:
+                errors.append({"path": str(p), "error": msg})
             continue
-        dest = out / f"{p.stem}_gradcam.png"
+        dest, n = out / f"{p.stem}_gradcam.png", 1
+        while dest in written:
+            n += 1
+            dest = out / f"{p.stem}_{n}_gradcam.png"
         dest.write_bytes(overlay_png(image, heat))
         written.append(dest)
     log.info("wrote %d Grad-CAM overlay(s) to %s", len(written), out)

@@ -58,7 +58,8 @@ async function showStudy(id, heatmapBase64 = null) {
   $("label").textContent = p.label || "";
   $("label").className = "label " + (p.label || "");
   $("probability").textContent = fmt(p.probability);
-  $("calibrated").textContent = fmt(p.calibrated_probability);
+  $("calibrated").textContent = p.calibrated_probability === null
+    ? "– (not calibrated: the label uses the raw probability)" : fmt(p.calibrated_probability);
   $("threshold").textContent = p.threshold === undefined ? "–" :
     `${fmt(p.threshold)} on the ${p.calibrated_probability === null ? "probability" : "calibrated probability"}`;
   $("study-id").textContent = id;
