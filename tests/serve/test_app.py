@@ -130,7 +130,7 @@ def test_model_worker_batches_concurrent_requests_and_survives_errors():
     gate, entered, seen = threading.Event(), threading.Event(), []
 
     class Fake:
-        def predict(self, items):
+        def predict(self, items, **kw):
             seen.append(len(items))
             if len(seen) == 1:
                 entered.set()
