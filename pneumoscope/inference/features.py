@@ -36,14 +36,15 @@ class StatsFeatures(torch.nn.Module):
         self.n_blocks = len(net._blocks)
         self.register_buffer("mean", torch.tensor(net.preprocess.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(net.preprocess.std).view(1, 3, 1, 1))
-        self.eval()
+        self.eval().to(memory_format=torch.channels_last)  # ~15 % faster on the CPU (benchmarks/ood.py)
 
     @torch.no_grad()
     def forward(self, u8: torch.Tensor) -> torch.Tensor:
         x = u8.float().div(255).unsqueeze(1)
         if x.shape[-1] != SIZE or x.shape[-2] != SIZE:
             x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
-        x = self.stem((x.expand(-1, 3, -1, -1) - self.mean) / self.std)
+        x = ((x.expand(-1, 3, -1, -1) - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        x = self.stem(x)
         stats = []
         for i, block in enumerate(self.blocks):
             x = block(x, drop_connect_rate=self.drop_connect * i / self.n_blocks)
