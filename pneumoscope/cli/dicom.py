@@ -1,4 +1,5 @@
-"""``pneumoscope dicom listen``: the DICOM Storage SCP (dicom/listen.py)."""
+"""``pneumoscope dicom listen``: the DICOM Storage SCP (dicom/listen.py); ``pneumoscope dicom sync``: the
+DICOMweb pass over an archive (dicom/sync.py)."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,20 @@ def _listen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sync(args: argparse.Namespace) -> int:
+    import json
+
+    from pneumoscope.dicom.listen import Pipeline
+    from pneumoscope.dicom.sync import sync
+
+    pipeline = Pipeline(args.db, args.checkpoint, device=args.device, heatmaps=not args.no_heatmap)
+    try:
+        print(json.dumps(sync(pipeline, args.dicomweb, since=args.since)))
+    finally:
+        pipeline.close()
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("dicom", help="DICOM networking: receive radiographs, send results back")
     dsub = p.add_subparsers(dest="dicom_command", required=True, metavar="COMMAND")
@@ -46,3 +61,12 @@ def register(sub) -> None:
     q.add_argument("--device", default="auto")
     q.add_argument("--no-heatmap", action="store_true", help="no Grad-CAM (and so no Secondary Capture)")
     q.set_defaults(func=_listen)
+    q = dsub.add_parser("sync", help="DICOMweb: predict the CR/DX studies of an archive, store the SR back "
+                                     "(skips studies already assessed by this model)")
+    q.add_argument("--dicomweb", required=True, metavar="URL", help="e.g. http://HOST:8042/dicom-web")
+    q.add_argument("--since", metavar="DATE", help="only studies from this date on (YYYYMMDD or YYYY-MM-DD)")
+    q.add_argument("--db", default="pneumoscope-studies.db", help="study database (as `pneumoscope serve`'s)")
+    q.add_argument("--checkpoint", help="model checkpoint or ONNX file (default: the bundled model)")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--no-heatmap", action="store_true", help="no Grad-CAM (and so no Secondary Capture)")
+    q.set_defaults(func=_sync)

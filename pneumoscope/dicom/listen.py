@@ -40,7 +40,8 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from pneumoscope.dicom.results import result_datasets, send
+from pneumoscope.dicom.results import model_text, probability_of, result_datasets, send
+from pneumoscope.errors import ImageReadError
 from pneumoscope.inference.assess import NOT_ASSESSED
 from pneumoscope.inference.loader import load
 from pneumoscope.inference.predictor import Predictor
@@ -78,16 +79,54 @@ class Remote:
         return cls(aet, host, int(port))
 
 
-class Listener:
-    """The Storage SCP. ``checkpoint``: a path, None for the bundled model, or a loaded ``Predictor``."""
+class Pipeline:
+    """Decode, predict, record one received dataset; build its SR and Secondary Capture (listen and sync).
+    ``checkpoint``: a path, None for the bundled model, or a loaded ``Predictor``."""
 
-    def __init__(self, db_path: str, checkpoint=None, ae_title: str = "PNEUMOSCOPE", forward: Remote | None = None,
-                 allowed_aes: list[str] | None = None, device: str = "auto", heatmaps: bool = True) -> None:
+    def __init__(self, db_path: str, checkpoint=None, device: str = "auto", heatmaps: bool = True) -> None:
         self.predictor = checkpoint if isinstance(checkpoint, Predictor) else load(checkpoint, device=device)
         self.model = ModelRecord.of(self.predictor.info)
         self.db = StudyDB(db_path)
-        self.ae_title, self.forward, self.heatmaps = ae_title, forward, heatmaps
+        self.heatmaps = heatmaps
         self._lock = threading.Lock()  # one prediction at a time: the model is not shared across threads
+
+    @property
+    def model_text(self) -> str:
+        return model_text(self.predictor.info)
+
+    def process(self, ds, sop_uid: str, source: str) -> list:
+        """The SR (and Secondary Capture) of ``ds``, after its prediction is stored. Raises HTTPException (the
+        upload's refusal: not a radiograph, no pixel data, malformed) or ImageReadError."""
+        t0 = time.perf_counter()
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        u = decode_upload(buf.getvalue(), f"{sop_uid}.dcm", "application/dicom", self.predictor.preprocess.input_size)
+        with self._lock:
+            r = self.predictor.predict([u.model_u8], quality=[u.quality])[0]
+            if "error" in r:
+                raise ImageReadError(r["error"])
+            png = None
+            if self.heatmaps and r["label"] != NOT_ASSESSED:
+                from pneumoscope.trust.explain import heatmaps
+
+                png = heatmap_overlay(u.view_u8, heatmaps(self.predictor, u.model_u8[None])[0])
+        latency_ms = (time.perf_counter() - t0) * 1000.0
+        stored = self.db.add_predictions([prediction_record(u, r, latency_ms, png)], self.model)[0]
+        log.info("predicted %s from %s: %s, probability %.4f (study %s%s)", sop_uid, source, r["label"],
+                 probability_of(r), stored["study_id"], ", received before" if stored["duplicate"] else "")
+        return result_datasets(ds, r, self.predictor.info, png)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class Listener:
+    """The Storage SCP around a ``Pipeline``."""
+
+    def __init__(self, db_path: str, checkpoint=None, ae_title: str = "PNEUMOSCOPE", forward: Remote | None = None,
+                 allowed_aes: list[str] | None = None, device: str = "auto", heatmaps: bool = True) -> None:
+        self.pipeline = Pipeline(db_path, checkpoint, device=device, heatmaps=heatmaps)
+        self.ae_title, self.forward = ae_title, forward
         self.ae = AE(ae_title=ae_title)
         self.ae.add_supported_context(Verification)
         for uid in STORAGE_CLASSES:
@@ -98,15 +137,16 @@ class Listener:
 
     def start(self, host: str, port: int, block: bool = False):
         handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS)]
+        m = self.pipeline.model
         log.info("DICOM listener %s on %s:%d (model %s %s); study database %s; forwarding to %s", self.ae_title,
-                 host, port, self.model.name, self.model.version, self.db.path, self.forward or "nobody")
+                 host, port, m.name, m.version, self.pipeline.db.path, self.forward or "nobody")
         self._server = self.ae.start_server((host, port), block=block, evt_handlers=handlers)
         return self._server
 
     def close(self) -> None:
         if self._server is not None:
             self._server.shutdown()
-        self.db.close()
+        self.pipeline.close()
 
     def on_store(self, event) -> int:
         """EVT_C_STORE: decode, predict, record, forward. Never raises: a failure is a status."""
@@ -119,36 +159,17 @@ class Listener:
             log.warning("refused a C-STORE from %s: malformed dataset (%s)", calling, e)
             return CANNOT_UNDERSTAND
         try:
-            return self.handle(ds, sop_uid, calling)
+            out = self.pipeline.process(ds, sop_uid, calling)
         except HTTPException as e:
             log.warning("refused %s from %s: %s", sop_uid, calling, e.detail)
             return CANNOT_UNDERSTAND
-        except Exception:
+        except ImageReadError as e:
+            log.warning("refused %s from %s: %s", sop_uid, calling, e)
+            return CANNOT_UNDERSTAND
+        except Exception:  # the listener keeps running
             log.exception("refused %s from %s: unexpected error", sop_uid, calling)
             return CANNOT_UNDERSTAND
-
-    def handle(self, ds, sop_uid: str, calling: str) -> int:
-        t0 = time.perf_counter()
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        u = decode_upload(buf.getvalue(), f"{sop_uid}.dcm", "application/dicom", self.predictor.preprocess.input_size)
-        with self._lock:
-            r = self.predictor.predict([u.model_u8], quality=[u.quality])[0]
-            png = None
-            if self.heatmaps and r.get("label") != NOT_ASSESSED:
-                from pneumoscope.trust.explain import heatmaps
-
-                png = heatmap_overlay(u.view_u8, heatmaps(self.predictor, u.model_u8[None])[0])
-        if "error" in r:
-            log.warning("refused %s from %s: %s", sop_uid, calling, r["error"])
-            return CANNOT_UNDERSTAND
-        latency_ms = (time.perf_counter() - t0) * 1000.0
-        stored = self.db.add_predictions([prediction_record(u, r, latency_ms, png)], self.model)[0]
-        log.info("predicted %s from %s: %s, probability %.4f (study %s%s)", sop_uid, calling, r["label"],
-                 r["calibrated_probability"] if r["calibrated_probability"] is not None else r["probability"],
-                 stored["study_id"], ", received before" if stored["duplicate"] else "")
         if self.forward is not None:
-            out = result_datasets(ds, r, self.predictor.info, png)
             statuses = send(out, self.forward.ae_title, self.forward.host, self.forward.port, self.ae_title)
             log.info("forwarded %d result(s) of %s to %s: status %s", len(out), sop_uid, self.forward.ae_title,
                      ", ".join(f"0x{s:04X}" if s >= 0 else "none" for s in statuses))

@@ -46,6 +46,11 @@ def probability_of(r: dict) -> float:
     return float(r["probability"] if p is None else p)
 
 
+def model_text(info: dict) -> str:
+    """The SR's "Model" text: what ``sync`` compares to tell whether a study was already assessed by this model."""
+    return f"{info['name']} version {info.get('version')} checksum {info['checksum']}"
+
+
 def _finding(label: str) -> hd.sr.CodedConcept:
     if label == NOT_ASSESSED:
         return NOT_ASSESSED_CODE
@@ -90,7 +95,7 @@ def structured_report(source: Dataset, r: dict, model: dict) -> Dataset:
         _num(PROBABILITY, probability_of(r)),
         _num(RAW_PROBABILITY, r["probability"]),
         _num(THRESHOLD, r["threshold"]),
-        _text(MODEL, f"{model['name']} version {model.get('version')} checksum {model['checksum']}"),
+        _text(MODEL, model_text(model)),
         ref,
     ]
     if r.get("ood_score") is not None:

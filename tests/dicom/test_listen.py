@@ -5,20 +5,26 @@ abdominal scout (modality OT) is refused and logged; an AE title not allowed is 
 pixel data fails its C-STORE and the listener keeps answering."""
 from __future__ import annotations
 
-import io
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pydicom
 import pytest
 
 from tests.conftest import REPO, require_program
+from tests.dicom.orthanc import (
+    ENV,
+    SC_CLASS,
+    SR_CLASS,
+    content,
+    free_port,
+    orthanc,
+    orthanc_datasets,
+    stop,
+    wait_for,
+)
 
 pynetdicom = pytest.importorskip("pynetdicom")
 pytest.importorskip("highdicom")
@@ -26,29 +32,6 @@ pytest.importorskip("highdicom")
 CHEST = ["chest_cr_jpeg_baseline_siim.dcm", "chest_cr_jpeg_monochrome1_relabelled.dcm",
          "chest_cr_monochrome1_10bit_no_meta.dcm", "chest_dx_nih_no_finding.dcm", "chest_dx_nih_cardiomegaly.dcm"]
 REFUSED = "abdomen_ot_scout.dcm"
-SR_CLASS, SC_CLASS = "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.7"
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{what}: exited with {proc.returncode}\n{log.read_text() if log else ''}")
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"{what}: not ready after {timeout} s\n{log.read_text() if log else ''}")
 
 
 def echo(port: int, calling: str = "TESTSCU") -> bool:
@@ -62,50 +45,24 @@ def echo(port: int, calling: str = "TESTSCU") -> bool:
     return bool(status) and status.Status == 0
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory, dicom_dir):
-    orthanc = require_program("Orthanc", "orthanc", ["/usr/sbin/Orthanc"])
     storescu = require_program("storescu", "dcmtk", ["/usr/bin/storescu"])
     echoscu = require_program("echoscu", "dcmtk", ["/usr/bin/echoscu"])
     tmp = tmp_path_factory.mktemp("pacs")
-    dicom_port, http_port, listen_port = free_port(), free_port(), free_port()
-    config = {
-        "Name": "pneumoscope-test", "StorageDirectory": str(tmp / "storage"), "IndexDirectory": str(tmp / "storage"),
-        "DicomAet": "ORTHANC", "DicomPort": dicom_port, "HttpPort": http_port, "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "DicomModalities": {"pneumoscope": ["PNEUMOSCOPE", "127.0.0.1", listen_port]},
-        "Plugins": [str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.exists() else [],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (tmp / "orthanc.json").write_text(json.dumps(config))
-    procs = []
-    try:
-        olog = tmp / "orthanc.log"
-        procs.append(o := subprocess.Popen([str(orthanc), str(tmp / "orthanc.json")], stdout=olog.open("w"),
-                                           stderr=subprocess.STDOUT))
-        http = f"http://127.0.0.1:{http_port}"
-        wait_for(lambda: urllib.request.urlopen(http + "/system", timeout=2).status == 200, 30, "Orthanc", o, olog)
-        llog = tmp / "listen.log"
-        db = tmp / "studies.db"
-        procs.append(listener := subprocess.Popen(
+    listen_port = free_port()
+    with orthanc(tmp, {"pneumoscope": ["PNEUMOSCOPE", "127.0.0.1", listen_port]}) as (http, dicom_port):
+        llog, db = tmp / "listen.log", tmp / "studies.db"
+        listener = subprocess.Popen(
             [sys.executable, "-m", "pneumoscope", "dicom", "listen", "--host", "127.0.0.1", "--port", str(listen_port),
              "--db", str(db), "--allow-ae", "TESTSCU,STORESCU", "--forward-to", f"ORTHANC@127.0.0.1:{dicom_port}"],
-            cwd=REPO, env=ENV, stdout=llog.open("w"), stderr=subprocess.STDOUT))
-        wait_for(lambda: echo(listen_port), 60, "pneumoscope dicom listen", listener, llog)
-        yield {"http": http, "port": listen_port, "log": llog, "db": db, "storescu": storescu, "echoscu": echoscu,
-                   "dicom_dir": dicom_dir, "listener": listener}
-    finally:
-        for p in reversed(procs):
-            stop(p)
+            cwd=REPO, env=ENV, stdout=llog.open("w"), stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: echo(listen_port), 60, "pneumoscope dicom listen", listener, llog)
+            yield {"http": http, "port": listen_port, "log": llog, "db": db, "storescu": storescu,
+                   "echoscu": echoscu, "dicom_dir": dicom_dir, "listener": listener}
+        finally:
+            stop(listener)
 
 
 # storescu proposes only uncompressed syntaxes unless told which compressed one the file is in
@@ -117,16 +74,6 @@ def store(pacs, file: Path) -> subprocess.CompletedProcess:
     flag = PROPOSE.get(str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")), "-x=")
     return subprocess.run([str(pacs["storescu"]), flag, "-aet", "STORESCU", "-aec", "PNEUMOSCOPE", "127.0.0.1",
                            str(pacs["port"]), str(file)], capture_output=True, text=True, timeout=60, check=False)
-
-
-def orthanc_datasets(http: str) -> list[pydicom.Dataset]:
-    ids = json.load(urllib.request.urlopen(http + "/instances", timeout=10))
-    return [pydicom.dcmread(io.BytesIO(urllib.request.urlopen(f"{http}/instances/{i}/file", timeout=10).read()))
-            for i in ids]
-
-
-def content(sr: pydicom.Dataset) -> dict[str, pydicom.Dataset]:
-    return {item.ConceptNameCodeSequence[0].CodeValue: item for item in sr.ContentSequence}
 
 
 def test_chest_radiographs_come_back_as_sr_and_secondary_capture(pacs):
