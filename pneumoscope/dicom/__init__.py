@@ -3,6 +3,5 @@
 the idempotent DICOMweb pass over an archive (sync.py). See docs/dicom.md."""
 from pneumoscope._lazy import lazy_api
 
-__all__ = ["Listener", "Pipeline", "result_datasets", "sync"]
-__getattr__, __dir__ = lazy_api(__name__, {"Listener": "listen", "Pipeline": "listen", "result_datasets": "results",
-                                           "sync": "sync"})
+__all__ = ["Listener", "Pipeline", "result_datasets"]
+__getattr__, __dir__ = lazy_api(__name__, {"Listener": "listen", "Pipeline": "listen", "result_datasets": "results"})

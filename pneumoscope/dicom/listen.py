@@ -58,7 +58,6 @@ STORAGE_CLASSES = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPr
 TRANSFER_SYNTAXES = [JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEG2000Lossless, JPEG2000,
                      RLELossless, ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
 CANNOT_UNDERSTAND = 0xC000
-OUT_OF_RESOURCES = 0xA700
 SUCCESS = 0x0000
 
 
