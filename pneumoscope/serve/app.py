@@ -13,7 +13,7 @@ import logging
 import time
 from collections import deque
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -40,7 +40,13 @@ from pneumoscope.inference.predictor import Predictor
 from pneumoscope.serve.db import ModelRecord, PredictionRecord, StudyDB
 from pneumoscope.serve.security import PAGE_CSP, REPORT_CSP, Guard, api_key_header
 from pneumoscope.serve.study_report import build_report, render_html
-from pneumoscope.serve.uploads import Upload, add_upload_error_handlers, decode_upload, heatmap_overlay, pseudonym
+from pneumoscope.serve.uploads import (
+    Upload,
+    add_upload_error_handlers,
+    decode_upload,
+    heatmap_overlay,
+    prediction_record,
+)
 from pneumoscope.serve.worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -80,17 +86,7 @@ class Service:
 
     def record(self, u: Upload, r: dict, latency_ms: float, png: bytes | None) -> PredictionRecord:
         """The database rows of one predicted upload (identifiers pseudonymised when the service does that)."""
-        # one list of warnings, the predictor's (inference/assess.py): quality of the upload (DICOM reader
-        # warnings included, as for the file on the command line) and out of distribution
-        study = replace(u.study, warnings=list(r.get("warnings", [])))
-        if self.pseudonymize_salt is not None:
-            salt = self.pseudonymize_salt
-            study = replace(study, patient_id=study.patient_id and "hmac-sha256:" + pseudonym(salt, study.patient_id),
-                            study_uid=study.study_uid and pseudonym(salt, study.study_uid),
-                            filename=None)  # a file name can carry the patient's name
-        return PredictionRecord(study=study, probability=r["probability"],
-                                calibrated_probability=r["calibrated_probability"], threshold=r["threshold"],
-                                label=r["label"], latency_ms=latency_ms, heatmap_png=png)
+        return prediction_record(u, r, latency_ms, png, self.pseudonymize_salt)
 
     def site_warning(self, flags: list[bool]) -> str | None:
         """Record the out-of-distribution flags of new uploads; a warning when the recent ones are flagged far more
@@ -144,8 +140,7 @@ def create_app(checkpoint=None, db_path: str | Path = "pneumoscope-studies.db", 
     """
     predictor = checkpoint if isinstance(checkpoint, Predictor) else load(checkpoint, device=device)
     info = predictor.info
-    model = ModelRecord(name=info["name"], version=info.get("version"), checksum=info["checksum"],
-                        threshold_info=info.get("threshold_info"), pseudonymized=pseudonymize_salt is not None)
+    model = ModelRecord.of(info, pseudonymized=pseudonymize_salt is not None)
     svc = Service(predictor, ModelWorker(predictor), StudyDB(db_path), model, api_key, pseudonymize_salt)
     _warm_up(svc)
     log.info("serving %s %s (%s), threshold %.3f, input %d px; study database %s (schema %d)", info["name"],

@@ -79,6 +79,12 @@ class ModelRecord:
     threshold_info: dict | None = None
     pseudonymized: bool = False
 
+    @classmethod
+    def of(cls, info: dict, pseudonymized: bool = False) -> ModelRecord:
+        """The record of a loaded model (``Predictor.info``)."""
+        return cls(name=info["name"], version=info.get("version"), checksum=info["checksum"],
+                   threshold_info=info.get("threshold_info"), pseudonymized=pseudonymized)
+
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")

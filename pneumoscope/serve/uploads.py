@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import io
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from fastapi import HTTPException
@@ -23,7 +23,7 @@ from pneumoscope.data.images import (
 )
 from pneumoscope.data.quality import bytes_warnings
 from pneumoscope.errors import ImageReadError, ImageTooLargeError
-from pneumoscope.serve.db import StudyRecord
+from pneumoscope.serve.db import PredictionRecord, StudyRecord
 from pneumoscope.trust.explain import overlay_png
 
 MAX_PIXELS = MAX_IMAGE_PIXELS  # the project's one limit (data/images.py); above: decompression bomb, 422
@@ -124,6 +124,23 @@ def decode_upload(data: bytes, filename: str | None, content_type: str | None, s
     return Upload(name=name, study=study, view_u8=view, model_u8=model_u8, quality=quality)
 
 
+def prediction_record(u: Upload, r: dict, latency_ms: float, png: bytes | None,
+                      pseudonymize_salt: str | None = None) -> PredictionRecord:
+    """The database rows of one predicted upload (the HTTP service and the DICOM listener): identifiers
+    pseudonymised when ``pseudonymize_salt`` is given."""
+    # one list of warnings, the predictor's (inference/assess.py): quality of the upload (DICOM reader
+    # warnings included, as for the file on the command line) and out of distribution
+    study = replace(u.study, warnings=list(r.get("warnings", [])))
+    if pseudonymize_salt is not None:
+        salt = pseudonymize_salt
+        study = replace(study, patient_id=study.patient_id and "hmac-sha256:" + pseudonym(salt, study.patient_id),
+                        study_uid=study.study_uid and pseudonym(salt, study.study_uid),
+                        filename=None)  # a file name can carry the patient's name
+    return PredictionRecord(study=study, probability=r["probability"],
+                            calibrated_probability=r["calibrated_probability"], threshold=r["threshold"],
+                            label=r["label"], latency_ms=latency_ms, heatmap_png=png)
+
+
 def heatmap_overlay(view_u8: np.ndarray, heat: np.ndarray) -> bytes:
     """The Grad-CAM overlay PNG on the viewer copy (longest side HEATMAP_SIDE)."""
 
@@ -137,7 +154,10 @@ UPLOAD_HINT = ("send the image as multipart/form-data field 'file' (repeat the f
 def add_upload_error_handlers(app) -> None:
     """Clear answers on POST /predict for a body that is not the expected multipart form (FastAPI's generic
     ``Field required`` list, Starlette's bare ``Invalid multipart data.``); other routes keep FastAPI's answers."""
-    from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+    from fastapi.exception_handlers import (
+        http_exception_handler,
+        request_validation_exception_handler,
+    )
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException

@@ -1,0 +1,175 @@
+"""``pneumoscope dicom listen``: a DICOM Storage SCP (pynetdicom) that predicts every radiograph it receives.
+
+C-ECHO, and C-STORE of CR, DX (for presentation / processing) and Secondary Capture images in the usual transfer
+syntaxes. Each received dataset is decoded, predicted and recorded exactly as an upload to the HTTP service
+(``serve.uploads.decode_upload``, the same ``Predictor``, the same study database: one study per image checksum);
+with ``forward`` the Comprehensive SR and the Grad-CAM Secondary Capture (results.py) are C-STOREd to a remote AE.
+
+Security: with ``allowed_aes`` only those calling AE titles may associate (``require_calling_aet``; others are
+rejected at association); an AE title is no authentication, so also keep the port on a trusted network.
+Refused inputs (another modality, no pixel data, a malformed dataset) are logged as ``refused`` and answered
+with a failure status (0xC000 "cannot understand"); the listener keeps running.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from fastapi import HTTPException
+from pydicom.uid import (
+    JPEG2000,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
+
+from pneumoscope.dicom.results import model_text, probability_of, result_datasets, send
+from pneumoscope.errors import ImageReadError
+from pneumoscope.inference.assess import NOT_ASSESSED
+from pneumoscope.inference.loader import load
+from pneumoscope.inference.predictor import Predictor
+from pneumoscope.serve.db import ModelRecord, StudyDB
+from pneumoscope.serve.uploads import decode_upload, heatmap_overlay, prediction_record
+
+log = logging.getLogger(__name__)
+
+STORAGE_CLASSES = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
+                   DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage)
+# compressed first: pynetdicom accepts the first of these the sender proposes, and a sender that would otherwise
+# have to decompress (dcmtk's storescu -R proposes the file's syntax and the uncompressed ones) sends the
+# original pixel data, decoded here exactly as `pneumoscope predict` decodes the file
+TRANSFER_SYNTAXES = [JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEG2000Lossless, JPEG2000,
+                     RLELossless, ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+CANNOT_UNDERSTAND = 0xC000
+SUCCESS = 0x0000
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A remote AE: ``AET@HOST:PORT``."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Remote:
+        aet, sep, rest = text.partition("@")
+        host, _, port = rest.rpartition(":")
+        if not sep or not aet or not host or not port.isdigit():
+            raise ValueError(f"{text!r}: expected AET@HOST:PORT, e.g. ORTHANC@127.0.0.1:4242")
+        return cls(aet, host, int(port))
+
+
+class Pipeline:
+    """Decode, predict, record one received dataset; build its SR and Secondary Capture (listen and sync).
+    ``checkpoint``: a path, None for the bundled model, or a loaded ``Predictor``."""
+
+    def __init__(self, db_path: str, checkpoint=None, device: str = "auto", heatmaps: bool = True) -> None:
+        self.predictor = checkpoint if isinstance(checkpoint, Predictor) else load(checkpoint, device=device)
+        self.model = ModelRecord.of(self.predictor.info)
+        self.db = StudyDB(db_path)
+        self.heatmaps = heatmaps
+        self._lock = threading.Lock()  # one prediction at a time: the model is not shared across threads
+
+    @property
+    def model_text(self) -> str:
+        return model_text(self.predictor.info)
+
+    def process(self, ds, sop_uid: str, source: str) -> list:
+        """The SR (and Secondary Capture) of ``ds``, after its prediction is stored. Raises HTTPException (the
+        upload's refusal: not a radiograph, no pixel data, malformed) or ImageReadError."""
+        t0 = time.perf_counter()
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        u = decode_upload(buf.getvalue(), f"{sop_uid}.dcm", "application/dicom", self.predictor.preprocess.input_size)
+        with self._lock:
+            r = self.predictor.predict([u.model_u8], quality=[u.quality])[0]
+            if "error" in r:
+                raise ImageReadError(r["error"])
+            png = None
+            if self.heatmaps and r["label"] != NOT_ASSESSED:
+                from pneumoscope.trust.explain import heatmaps
+
+                png = heatmap_overlay(u.view_u8, heatmaps(self.predictor, u.model_u8[None])[0])
+        latency_ms = (time.perf_counter() - t0) * 1000.0
+        stored = self.db.add_predictions([prediction_record(u, r, latency_ms, png)], self.model)[0]
+        log.info("predicted %s from %s: %s, probability %.4f (study %s%s)", sop_uid, source, r["label"],
+                 probability_of(r), stored["study_id"], ", received before" if stored["duplicate"] else "")
+        return result_datasets(ds, r, self.predictor.info, png)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class Listener:
+    """The Storage SCP around a ``Pipeline``."""
+
+    def __init__(self, db_path: str, checkpoint=None, ae_title: str = "PNEUMOSCOPE", forward: Remote | None = None,
+                 allowed_aes: list[str] | None = None, device: str = "auto", heatmaps: bool = True) -> None:
+        self.pipeline = Pipeline(db_path, checkpoint, device=device, heatmaps=heatmaps)
+        self.ae_title, self.forward = ae_title, forward
+        self.ae = AE(ae_title=ae_title)
+        self.ae.add_supported_context(Verification)
+        for uid in STORAGE_CLASSES:
+            self.ae.add_supported_context(uid, TRANSFER_SYNTAXES)
+        if allowed_aes:
+            self.ae.require_calling_aet = list(allowed_aes)
+        self._server = None
+
+    def start(self, host: str, port: int, block: bool = False):
+        handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS)]
+        m = self.pipeline.model
+        log.info("DICOM listener %s on %s:%d (model %s %s); study database %s; forwarding to %s", self.ae_title,
+                 host, port, m.name, m.version, self.pipeline.db.path, self.forward or "nobody")
+        self._server = self.ae.start_server((host, port), block=block, evt_handlers=handlers)
+        return self._server
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+        self.pipeline.close()
+
+    def on_store(self, event) -> int:
+        """EVT_C_STORE: decode, predict, record, forward. Never raises: a failure is a status."""
+        calling = event.assoc.requestor.ae_title
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            sop_uid = str(ds.get("SOPInstanceUID", "unknown"))
+        except Exception as e:  # noqa: BLE001 - a dataset pydicom cannot even parse
+            log.warning("refused a C-STORE from %s: malformed dataset (%s)", calling, e)
+            return CANNOT_UNDERSTAND
+        try:
+            out = self.pipeline.process(ds, sop_uid, calling)
+        except HTTPException as e:
+            log.warning("refused %s from %s: %s", sop_uid, calling, e.detail)
+            return CANNOT_UNDERSTAND
+        except ImageReadError as e:
+            log.warning("refused %s from %s: %s", sop_uid, calling, e)
+            return CANNOT_UNDERSTAND
+        except Exception:  # the listener keeps running
+            log.exception("refused %s from %s: unexpected error", sop_uid, calling)
+            return CANNOT_UNDERSTAND
+        if self.forward is not None:
+            statuses = send(out, self.forward.ae_title, self.forward.host, self.forward.port, self.ae_title)
+            log.info("forwarded %d result(s) of %s to %s: status %s", len(out), sop_uid, self.forward.ae_title,
+                     ", ".join(f"0x{s:04X}" if s >= 0 else "none" for s in statuses))
+        return SUCCESS
