@@ -60,3 +60,32 @@ def test_sync_stores_one_sr_per_image_and_is_idempotent(tmp_path, dicom_dir):
         second = run("dicom", "sync", "--dicomweb", web, "--db", db)
         assert second["skipped"] == 2 and second["predicted"] == 0 and second["stored"] == 0, second
         assert len(orthanc_datasets(http)) == len(received)
+
+
+def test_sync_killed_mid_run_resumes_without_duplicates(tmp_path, dicom_dir):
+    """SIGKILL once the first SR is in the archive; the next run finishes the rest and stores nothing twice."""
+    import signal
+    import time
+
+    with orthanc(tmp_path, dicomweb=True) as (http, _):
+        for f in FILES:
+            upload(http, dicom_dir / f)
+        db, web = str(tmp_path / "studies.db"), f"{http}/dicom-web"
+        proc = subprocess.Popen([sys.executable, "-m", "pneumoscope", "dicom", "sync", "--dicomweb", web, "--db", db],
+                                cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        try:
+            while time.time() < deadline and proc.poll() is None:
+                if any(d.SOPClassUID == SR_CLASS for d in orthanc_datasets(http)):
+                    break
+                time.sleep(0.05)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+        before = [d for d in orthanc_datasets(http) if d.SOPClassUID == SR_CLASS]
+        assert 1 <= len(before) <= 2
+        again = run("dicom", "sync", "--dicomweb", web, "--db", db)
+        assert again["skipped"] == len(before) and again["predicted"] == 2 - len(before), again
+        srs = [d for d in orthanc_datasets(http) if d.SOPClassUID == SR_CLASS]
+        assert len(srs) == 2 and len({d.StudyInstanceUID for d in srs}) == 2  # one SR per study, none twice
