@@ -40,12 +40,17 @@ def _shift(args: argparse.Namespace) -> int:
 
 
 def _select(args: argparse.Namespace) -> int:
-    from pneumoscope.studies.select import select, write
+    from pneumoscope.studies.select import recipe_files, select, train_recipes, write
 
     groups = True if args.ensemble == "all" else (
         [[int(i) for i in g.split(",")] for g in args.ensemble.split(";")] if args.ensemble else False)
-    rows = select([c for c in args.checkpoints.split(",") if c], args.data, args.external, groups, args.gradcam_n,
-                  args.cache)
+    checkpoints = [c for c in (args.checkpoints or "").split(",") if c]
+    if args.recipes:
+        checkpoints += train_recipes(recipe_files(args.recipes), args.data, args.runs or Path(args.out) / "runs")
+    if not checkpoints:
+        log.error("select: give --checkpoints a.pt,b.pt and/or --recipes all|a.yaml,b.yaml")
+        return 2
+    rows = select(checkpoints, args.data, args.external, groups, args.gradcam_n, args.cache)
     path = write(rows, args.out)
     winner = next((r["name"] for r in rows if r.get("winner")), None)
     log.info("%d candidates scored; winner by the rule: %s; table in %s", len(rows), winner, path)
@@ -55,7 +60,10 @@ def _select(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     s = sub.add_parser("select", help="score checkpoints on validation, shifted validation and the external probes; "
                                       "one table and the winner by the rule of MODEL_CARD.md")
-    s.add_argument("--checkpoints", required=True, help="comma-separated best.pt files")
+    s.add_argument("--checkpoints", help="comma-separated best.pt files (runs made elsewhere)")
+    s.add_argument("--recipes", help="'all' (the default model's recipe + pneumoscope/resources/recipes/*.yaml) or "
+                                     "comma-separated YAMLs: each is trained into RUNS/<name>/ unless done, then scored")
+    s.add_argument("--runs", help="folder for the recipe runs (default OUT/runs)")
     s.add_argument("--data", required=True, help="training data folder (each checkpoint's validation split is re-made)")
     s.add_argument("--external", help="folder with actualmed/ and hannover/ (probes: measured, never fitted on)")
     s.add_argument("--out", required=True, help="folder for select.md and select.json")

@@ -1,4 +1,4 @@
-"""``pneumoscope train|reproduce|compare|build-default-model|bench`` and ``experiment image-size``: commands that train.
+"""``pneumoscope train|reproduce|compare|build-default-model|ensemble|bench`` and ``experiment image-size``: commands that train.
 
 Every training flag mirrors a ``TrainConfig`` field (YAML key); its help text comes from here, its default from
 ``TrainConfig`` itself, so the two cannot drift.
@@ -114,6 +114,14 @@ def _build_default(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ensemble(args: argparse.Namespace) -> int:
+    from pneumoscope.studies.ensemble import build
+
+    m = build([c for c in args.checkpoints.split(",") if c], args.data, args.out)
+    log.info("ensemble: val AUC %.4f, threshold %.3f -> %s", m["val_auc"], m["threshold"], m["checkpoint"])
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from pneumoscope.studies.bench import bench
 
@@ -148,6 +156,13 @@ def register(sub) -> None:
     s.add_argument("--config", help="training config (default: pneumoscope/resources/default_model.yaml)")
     s.add_argument("--dest", help="where to write the packed model (default: inside the package)")
     s.set_defaults(func=_build_default)
+
+    s = sub.add_parser("ensemble", help="combine finished runs into one checkpoint (mean calibrated probability; "
+                                        "calibration and threshold fitted on their shared validation split)")
+    s.add_argument("--checkpoints", required=True, help="comma-separated best.pt files of binary runs on the same split")
+    s.add_argument("--data", required=True, help="the training data folder (the validation split is re-made)")
+    s.add_argument("--out", required=True, help="the ensemble checkpoint to write, e.g. runs/ensemble.pt")
+    s.set_defaults(func=_ensemble)
 
     s = sub.add_parser("bench", help="time one training epoch per hardware configuration (threads, precision, device)")
     s.add_argument("--data", required=True, help="folder with NORMAL/ PNEUMONIA/ or train/ val/ test/")

@@ -14,7 +14,7 @@ from pneumoscope.models.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
-MAX_BYTES = 10 * 1024 * 1024
+MAX_BYTES = 25 * 1024 * 1024  # issue 13: an ensemble default may take up to 25 MB
 DEFAULT_MODEL = "default_model.pt"
 RESOURCES = Path(str(files("pneumoscope") / "resources"))
 DEFAULT_CONFIG = RESOURCES / "default_model.yaml"

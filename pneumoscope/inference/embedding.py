@@ -27,6 +27,8 @@ def feature_layer(model) -> str:
     densenet121: ``head`` (1024); resnet18: ``head`` (512).
     """
 
+    if hasattr(model, "members"):  # an ensemble (models/ensemble.py): its first member's embedding
+        return "members.0." + feature_layer(model.members[0])
     last = list(model.backbone.children())[-1] if len(list(model.backbone.children())) else None
     return "backbone." + list(model.backbone._modules)[-1] if isinstance(last, nn.Flatten) else "head"
 

@@ -14,8 +14,10 @@ sensitivity (positives only), validation sensitivity/specificity, ECE (validatio
 validation images. **score = min(a, b, c)**; ties within 0.005 are broken by hannover sensitivity.
 
 ``select(checkpoints, ...)`` scores several and optionally adds an ensemble row (mean of the members' calibrated
-probabilities; threshold by Youden's J on the validation split). Run as
-``pneumoscope select --checkpoints a.pt,b.pt --data DIR --external DIR --out DIR [--ensemble]``.
+probabilities; threshold by Youden's J on the validation split). ``train_recipes(recipes, data, runs)`` trains each
+recipe YAML into ``runs/<name>/`` (skipped when its run finished before) and returns the best.pt files, so the whole
+table is one command: ``pneumoscope select --recipes all --data DIR --external DIR --out DIR [--ensemble ...]``
+(or ``--checkpoints a.pt,b.pt`` for runs made elsewhere).
 """
 from __future__ import annotations
 
@@ -241,6 +243,47 @@ def select(checkpoints: list[str | Path], data_dir, external_dir, ensemble: bool
     for r in rows:
         r.pop("_probs", None)
     return rank(rows)
+
+
+def recipe_files(spec: str) -> list[Path]:
+    """``all`` = ``resources/recipes/*.yaml`` (sorted; ``resources/default_model.yaml`` repeats the settings of the
+    winning one: tested); else comma-separated YAML paths."""
+    from pneumoscope.inference.default_model import RESOURCES
+
+    if spec == "all":
+        return sorted((RESOURCES / "recipes").glob("*.yaml"))
+    files = [Path(f) for f in spec.split(",") if f.strip()]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"recipe file(s) not found: {', '.join(missing)} (give YAML paths or 'all')")
+    return files
+
+
+def train_recipes(recipes: list[Path], data_dir, runs_dir) -> list[Path]:
+    """Train each recipe into ``runs_dir/<yaml stem>/`` unless that run finished (its metrics.json exists).
+    An ensemble recipe (``ensemble: [member.yaml, ...]``, studies/default_model.py) trains its members the same way
+    and combines them into ``runs_dir/<yaml stem>/best.pt`` (studies/ensemble.py)."""
+    from pneumoscope.studies import ensemble
+    from pneumoscope.studies.default_model import ensemble_members
+    from pneumoscope.training.loop import train
+
+    out = []
+    for r in recipes:
+        run = Path(runs_dir) / Path(r).stem
+        members = ensemble_members(r)
+        if (run / "metrics.json").is_file() and (run / "best.pt").is_file():
+            log.info("%s: finished run found in %s; not retrained", r, run)
+        elif members:
+            parts = train_recipes(members, data_dir, runs_dir)
+            m = ensemble.build(parts, data_dir, run / "best.pt")
+            walls = [json.loads((b.parent / "metrics.json").read_text()).get("wall_seconds") for b in parts]
+            (run / "metrics.json").write_text(json.dumps({**m, "members": [str(b) for b in parts],
+                                                          "wall_seconds": sum(w or 0 for w in walls)}, indent=2))
+        else:
+            log.info("%s: training into %s", r, run)
+            train(str(r), data=str(data_dir), out=str(run))
+        out.append(run / "best.pt")
+    return out
 
 
 def _f(v, nd=3) -> str:

@@ -5,10 +5,13 @@ and a resumed run draws exactly what an uninterrupted one would.
 """
 from __future__ import annotations
 
+import io
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 
 def _uniform(n: int, bound: float, g: torch.Generator) -> torch.Tensor:
@@ -29,6 +32,36 @@ def random_affine(x: torch.Tensor, g: torch.Generator, rotate_deg: float, scale:
     theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
     grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_border_crop(x: torch.Tensor, g: torch.Generator, fraction: float) -> torch.Tensor:
+    """Crop each side independently by up to ``fraction`` of the side and stretch back (another collimation, field
+    of view or aspect ratio: the borders, labels and neck leave or enter the image). 0 = off (draws nothing)."""
+    if fraction <= 0:
+        return x
+    b = x.shape[0]
+    left, right, top, bottom = (torch.rand(4, b, generator=g) * fraction).unbind(0)
+    zero = torch.zeros(b)
+    # input coordinate = scale * output coordinate + offset, in grid units (-1..1): keep [-1 + 2l, 1 - 2r]
+    theta = torch.stack([torch.stack([1 - left - right, zero, left - right], 1),
+                         torch.stack([zero, 1 - top - bottom, top - bottom], 1)], 1)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def random_jpeg(x: torch.Tensor, g: torch.Generator, min_quality: int) -> torch.Tensor:
+    """Re-encode each image as JPEG (Pillow) at a quality uniform in [``min_quality``, 95]: the storage / PACS
+    compression of another site, applied last in the chain. 0 = off (draws nothing)."""
+    if min_quality <= 0:
+        return x
+    q = torch.randint(int(min_quality), 96, (x.shape[0],), generator=g).tolist()
+    u8 = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    out = np.empty_like(u8)
+    for i in range(u8.shape[0]):
+        buf = io.BytesIO()
+        Image.fromarray(u8[i, 0]).save(buf, format="JPEG", quality=q[i])
+        out[i, 0] = np.asarray(Image.open(buf))
+    return torch.from_numpy(out).to(x.device, x.dtype) / 255
 
 
 def random_intensity(x: torch.Tensor, g: torch.Generator, brightness: float, contrast: float, gamma: float = 0.0) -> torch.Tensor:
@@ -100,11 +133,13 @@ def random_downsample(x: torch.Tensor, g: torch.Generator, max_log2: float) -> t
 def augment_batch(x: torch.Tensor, g: torch.Generator, cfg) -> torch.Tensor:
     """Apply the configured augmentation (a ``TrainConfig``) to a float batch in [0, 1].
 
-    Order follows the imaging chain: geometry (positioning), sharpness (focus, detector), exposure/contrast
-    (detector response, post-processing), then noise.
+    Order follows the imaging chain: geometry (positioning, collimation), sharpness (focus, detector),
+    exposure/contrast (detector response, post-processing), noise, then storage (JPEG).
     """
     x = random_affine(x, g, cfg.rotate_deg, cfg.scale, cfg.translate, cfg.hflip)
+    x = random_border_crop(x, g, cfg.border_crop)
     x = random_blur(x, g, cfg.blur)
     x = random_downsample(x, g, cfg.downsample)
     x = random_intensity(x, g, cfg.brightness, cfg.contrast, cfg.gamma)
-    return random_noise(x, g, cfg.noise)
+    x = random_noise(x, g, cfg.noise)
+    return random_jpeg(x, g, cfg.jpeg)

@@ -77,14 +77,19 @@ def heatmaps(predictor, images_u8: np.ndarray, class_idx: int | None = None) -> 
     # a private copy: MONAI's hooks stay on it, the predictor's model keeps its mode, hooks and memory format
     model = copy.deepcopy(predictor.model).float().to(memory_format=torch.contiguous_format).eval()
     net = pneumonia_logit(model, class_idx).eval()
-    cam = GradCAM(nn_module=net, target_layers="model." + layer, postprocessing=_unit_max)
+    # an ensemble (models/ensemble.py) names one layer per member: their maps, each at the input size, are averaged
+    layers = list(getattr(model, "gradcam_layers", None) or [layer])
     dev = predictor.device
     x = torch.from_numpy(np.array(predictor.preprocess.standardise(x_u8), copy=True)).unsqueeze(1).to(dev).float().div_(255)
     x = normalize(x, predictor.preprocess).contiguous().requires_grad_(True)
     has_rnn = any(isinstance(m, nn.RNNBase) for m in model.modules())
-    with torch.enable_grad(), torch.backends.cudnn.flags(enabled=not (has_rnn and dev.type == "cuda")):
-        out = cam(x=x, class_idx=0)
-    return out[:, 0].detach().float().cpu().numpy().astype(np.float32)
+    maps = []
+    for name in layers:
+        cam = GradCAM(nn_module=net, target_layers="model." + name, postprocessing=_unit_max)
+        with torch.enable_grad(), torch.backends.cudnn.flags(enabled=not (has_rnn and dev.type == "cuda")):
+            maps.append(cam(x=x, class_idx=0).detach().float())
+    out = maps[0] if len(maps) == 1 else _unit_max(torch.stack(maps).mean(0))
+    return out[:, 0].cpu().numpy().astype(np.float32)
 
 
 def heatmap(predictor, image_u8: np.ndarray, class_idx: int | None = None) -> np.ndarray:

@@ -8,7 +8,9 @@ from pneumoscope.studies.select import (
     lung_box_mass,
     markdown_table,
     rank,
+    recipe_files,
     score_checkpoint,
+    train_recipes,
 )
 
 KEYS = {"val_auc", "val_auc_ci", "shift_auc", "shift_auc_ci", "actualmed_auc", "actualmed_auc_ci",
@@ -57,3 +59,50 @@ def test_score_checkpoint_keys_and_probes_do_not_change_threshold(tiny_checkpoin
               "shift_auc"):
         assert small[k] == full[k], k  # the probes are only measured: nothing is fitted on them
     assert full["threshold"] == pytest.approx(ck["threshold"]) and full["temperature"] == pytest.approx(ck["temperature"])
+
+
+def test_recipe_files_all_and_missing(tmp_path):
+    names = [f.name for f in recipe_files("all")]
+    assert names == sorted(names) and {"r0_seed_shift_aug.yaml", "r1_seed_clahe.yaml"} <= set(names) and len(names) > 3
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        recipe_files(f"{recipe_files('all')[0]},{tmp_path / 'nope.yaml'}")
+
+
+def test_train_recipes_trains_once(chest_xray, tmp_path):
+    recipe = tmp_path / "tiny_recipe.yaml"
+    recipe.write_text("model: seed_cnn\nimage_size: 48\nlimit: 120\nepochs: 1\nbatch_size: 16\nprogress: false\n")
+    runs = tmp_path / "runs"
+    [best] = train_recipes([recipe], chest_xray, runs)
+    assert best == runs / "tiny_recipe" / "best.pt" and load_checkpoint(best)["config"]["image_size"] == 48
+    stamp = best.stat().st_mtime_ns
+    assert train_recipes([recipe], chest_xray, runs) == [best] and best.stat().st_mtime_ns == stamp  # finished: kept
+
+
+def test_ensemble_recipe_parsing(tmp_path):
+    from pneumoscope.errors import ConfigError
+    from pneumoscope.studies.default_model import ensemble_members
+
+    (tmp_path / "a.yaml").write_text("model: seed_cnn\n")
+    (tmp_path / "b.yaml").write_text("model: seed_cnn\n")
+    assert ensemble_members(tmp_path / "a.yaml") is None  # a plain training config
+    (tmp_path / "e.yaml").write_text("ensemble: [a.yaml, b.yaml]\n")
+    assert ensemble_members(tmp_path / "e.yaml") == [tmp_path / "a.yaml", tmp_path / "b.yaml"]
+    (tmp_path / "bad.yaml").write_text("ensemble: [a.yaml, missing.yaml]\n")
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        ensemble_members(tmp_path / "bad.yaml")
+    (tmp_path / "mixed.yaml").write_text("ensemble: [a.yaml, b.yaml]\nepochs: 3\n")
+    with pytest.raises(ConfigError, match="only 'ensemble"):
+        ensemble_members(tmp_path / "mixed.yaml")
+
+
+def test_default_model_recipe_is_a_row_of_the_table():
+    """resources/default_model.yaml trains exactly what one recipe of the selection table trains."""
+    from pneumoscope.config import load_config
+    from pneumoscope.inference.default_model import DEFAULT_CONFIG
+    from pneumoscope.studies.default_model import ensemble_members
+
+    default = load_config(DEFAULT_CONFIG).to_dict()
+    singles = [f for f in recipe_files("all") if ensemble_members(f) is None]
+    assert len(singles) < len(recipe_files("all"))  # the ensemble lever is a recipe too
+    same = [f.name for f in singles if load_config(f).to_dict() == default]
+    assert len(same) == 1, same

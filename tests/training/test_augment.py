@@ -1,4 +1,5 @@
 """Batched augmentation: reproducible from the generator, range-preserving, each knob does what it says."""
+import numpy as np
 import torch
 
 from pneumoscope.config import TrainConfig
@@ -79,3 +80,33 @@ def test_random_downsample_off_and_shape():
     assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
     assert y.std() < x.std()  # fine detail removed (towards the blurred copy)
     torch.testing.assert_close(y, random_downsample(x, torch.Generator().manual_seed(0), 2.0))
+
+
+def test_random_border_crop_removes_a_marked_border():
+    from pneumoscope.training.augment import random_border_crop
+
+    x = torch.zeros(64, 1, 40, 40)
+    x[:, :, :, :4] = 1.0  # a bright label strip on the left 10 %
+    g = torch.Generator().manual_seed(0)
+    assert random_border_crop(x, g, 0.0) is x
+    y = random_border_crop(x, torch.Generator().manual_seed(0), 0.3)
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+    strip = y[:, 0, :, :].mean(dim=(1, 2))  # the strip's share of each image: 10 % before
+    # gone where the left crop reached it (P = 2/3), stretched at most by 1 / (1 - 0.3) where only the right was cut
+    assert 0.4 < float((strip < 0.005).float().mean()) < 0.9 and float(strip.max()) <= 0.1 / 0.7 + 1e-3
+    torch.testing.assert_close(y, random_border_crop(x, torch.Generator().manual_seed(0), 0.3))  # reproducible
+
+
+def test_random_jpeg_is_lossy_close_and_reproducible(chest_xray):
+    from pneumoscope.data.images import load_uint8
+    from pneumoscope.training.augment import random_jpeg
+
+    films = sorted((chest_xray / "train" / "NORMAL").glob("*.jpeg"))[:2] + sorted(
+        (chest_xray / "train" / "PNEUMONIA").glob("*.jpeg"))[:2]
+    x = torch.from_numpy(np.stack([load_uint8(f, 96) for f in films])).float().unsqueeze(1) / 255
+    assert random_jpeg(x, torch.Generator().manual_seed(0), 0) is x
+    y = random_jpeg(x, torch.Generator().manual_seed(0), 10)
+    err = (y - x).abs().mean(dim=(1, 2, 3))
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert bool((err > 0).all()) and float(err.max()) < 0.05  # compression artefacts, not another image
+    torch.testing.assert_close(y, random_jpeg(x, torch.Generator().manual_seed(0), 10))
