@@ -61,7 +61,7 @@ def register(sub) -> None:
     s = sub.add_parser("select", help="score checkpoints on validation, shifted validation and the external probes; "
                                       "one table and the winner by the rule of MODEL_CARD.md")
     s.add_argument("--checkpoints", help="comma-separated best.pt files (runs made elsewhere)")
-    s.add_argument("--recipes", help="'all' (the default model's recipe + pneumoscope/resources/recipes/*.yaml) or "
+    s.add_argument("--recipes", help="'all' (every YAML of pneumoscope/resources/recipes/, ensemble recipes included) or "
                                      "comma-separated YAMLs: each is trained into RUNS/<name>/ unless done, then scored")
     s.add_argument("--runs", help="folder for the recipe runs (default OUT/runs)")
     s.add_argument("--data", required=True, help="training data folder (each checkpoint's validation split is re-made)")

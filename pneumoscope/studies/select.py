@@ -34,6 +34,7 @@ from sklearn.metrics import roc_auc_score
 from pneumoscope.data.cache import decode_all
 from pneumoscope.data.digest import file_digest
 from pneumoscope.data.folders import expand_paths, scan
+from pneumoscope.errors import ConfigError
 from pneumoscope.evaluation.calibration import expected_calibration_error
 from pneumoscope.evaluation.evaluate import evaluation_samples
 from pneumoscope.evaluation.metrics import (
@@ -255,7 +256,7 @@ def recipe_files(spec: str) -> list[Path]:
     files = [Path(f) for f in spec.split(",") if f.strip()]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise FileNotFoundError(f"recipe file(s) not found: {', '.join(missing)} (give YAML paths or 'all')")
+        raise ConfigError(f"recipe file(s) not found: {', '.join(missing)} (give YAML paths or 'all')")
     return files
 
 

@@ -64,7 +64,9 @@ def test_score_checkpoint_keys_and_probes_do_not_change_threshold(tiny_checkpoin
 def test_recipe_files_all_and_missing(tmp_path):
     names = [f.name for f in recipe_files("all")]
     assert names == sorted(names) and {"r0_seed_shift_aug.yaml", "r1_seed_clahe.yaml"} <= set(names) and len(names) > 3
-    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+    from pneumoscope.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="nope.yaml"):
         recipe_files(f"{recipe_files('all')[0]},{tmp_path / 'nope.yaml'}")
 
 
