@@ -24,11 +24,13 @@ NAME = "ensemble"
 
 
 class Ensemble(nn.Module):
-    def __init__(self, members: list[nn.Module], preprocesses: list[Preprocess], temperatures: list[float],
-                 biases: list[float]) -> None:
+    def __init__(self, members: list[nn.Module], temperatures: list[float], biases: list[float]) -> None:
+        """``members``: registry models, each with its own ``preprocess``; their calibration ``temperatures`` and
+        ``biases``."""
         super().__init__()
-        if not (len(members) >= 2 and len(members) == len(preprocesses) == len(temperatures) == len(biases)):
-            raise ConfigError("an ensemble needs >= 2 members, each with its preprocess, temperature and bias")
+        if not (len(members) >= 2 and len(members) == len(temperatures) == len(biases)):
+            raise ConfigError("an ensemble needs >= 2 members, each with its temperature and bias")
+        preprocesses = [m.preprocess for m in members]
         if len({p.intensity for p in preprocesses}) != 1:
             raise ConfigError(f"ensemble members standardise intensity differently "
                               f"({[p.intensity for p in preprocesses]}): combine members with the same 'intensity'")
@@ -37,7 +39,6 @@ class Ensemble(nn.Module):
         if any(not (t and t > 0) for t in temperatures):
             raise ConfigError(f"ensemble members need a fitted temperature > 0 (got {temperatures}): use best.pt files")
         self.members = nn.ModuleList(members)
-        self.member_preprocess = list(preprocesses)
         self.temperatures = [float(t) for t in temperatures]
         self.biases = [float(b) for b in biases]
         size = max(p.input_size for p in preprocesses)
@@ -49,7 +50,7 @@ class Ensemble(nn.Module):
             for m, p, t, b in zip(members, preprocesses, self.temperatures, self.biases)]}
 
     def member_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        pre = self.member_preprocess[i]
+        pre = self.members[i].preprocess
         s = pre.input_size
         if x.shape[-1] != s or x.shape[-2] != s:
             x = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
@@ -67,7 +68,6 @@ def from_arch(arch: dict, rebuild_member) -> Ensemble:
     try:
         specs = list(arch["members"])
         return Ensemble([_with_pre(rebuild_member(m["arch"]), m["preprocess"]) for m in specs],
-                        [Preprocess.from_dict(m["preprocess"]) for m in specs],
                         [m["temperature"] for m in specs], [m.get("bias", 0.0) for m in specs])
     except (KeyError, TypeError) as e:
         raise ConfigError(f"invalid ensemble arch (needs members with arch, preprocess, temperature): {e}") from e

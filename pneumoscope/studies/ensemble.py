@@ -40,10 +40,9 @@ def assemble(checkpoints: list[str | Path]) -> tuple[Ensemble, list[dict]]:
             raise CheckpointError(f"{c}: an ensemble member must be a calibrated binary model (the best.pt of a "
                                   f"binary training run)")
     models = [model_from_checkpoint(ck) for ck in cks]
-    pres = [Preprocess.from_dict(ck["preprocess"]) for ck in cks]
-    for m, p in zip(models, pres):
-        m.preprocess = p
-    ens = Ensemble(models, pres, [ck["temperature"] for ck in cks], [ck.get("calibration_bias", 0.0) for ck in cks])
+    for m, ck in zip(models, cks):
+        m.preprocess = Preprocess.from_dict(ck["preprocess"])  # the stored one: intensity included
+    ens = Ensemble(models, [ck["temperature"] for ck in cks], [ck.get("calibration_bias", 0.0) for ck in cks])
     return ens.eval(), cks
 
 
