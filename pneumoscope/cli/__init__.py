@@ -11,7 +11,7 @@ import os
 import sys
 
 from pneumoscope import __version__
-from pneumoscope.cli import data, dicom, experiment, inference, serve, train
+from pneumoscope.cli import adapt, data, dicom, experiment, inference, serve, train
 from pneumoscope.errors import PneumoscopeError
 
 log = logging.getLogger("pneumoscope")
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"pneumoscope {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (data, train, inference, experiment, serve, dicom):
+    for group in (data, train, adapt, inference, experiment, serve, dicom):
         group.register(sub)
     return p
 

@@ -36,6 +36,7 @@ IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 
 _PERSON = re.compile(r"^(person\d+)_", re.IGNORECASE)
 _IM = re.compile(r"^((?:NORMAL2-)?IM-\d+)-", re.IGNORECASE)
+_NIH = re.compile(r"^(\d{8})_\d{3}\.")  # NIH ChestX-ray14: PPPPPPPP_NNN.png, the 8 digits are the patient
 
 
 @dataclass
@@ -73,10 +74,11 @@ def patient_id_from_name(name: str) -> str:
     """Patient id from a Kermany file name; an unknown pattern makes each file its own patient.
 
     ``person1000_bacteria_2931.jpeg`` -> ``person1000``; ``IM-0115-0001.jpeg`` -> ``IM-0115``;
-    ``NORMAL2-IM-0588-0001-0002.jpeg`` -> ``NORMAL2-IM-0588`` (kept apart from ``IM-0588``: another source).
+    ``NORMAL2-IM-0588-0001-0002.jpeg`` -> ``NORMAL2-IM-0588`` (kept apart from ``IM-0588``: another source);
+    NIH ChestX-ray14 ``00001362_004.png`` -> ``00001362``.
     """
     stem = Path(name).name
-    for pattern in (_PERSON, _IM):
+    for pattern in (_PERSON, _IM, _NIH):
         m = pattern.match(stem)
         if m:
             return m.group(1)

@@ -122,7 +122,7 @@ def fit_temperature(logits, y, multiclass: bool = False, max_iter: int = 200) ->
         log.warning("fitted temperature %.4g is outside [%g, %g] (a model that barely separates the classes); clipped",
                     temp, T_MIN, T_MAX)
         temp = min(max(temp, T_MIN), T_MAX)
-    log.info("fitted temperature T=%.4f on %d cases", temp, t.shape[0])
+    log.debug("fitted temperature T=%.4f on %d cases", temp, t.shape[0])
     return temp
 
 
@@ -151,7 +151,7 @@ def fit_calibration(logits, y, max_iter: int = 200) -> tuple[float, float]:
     if not (math.isfinite(temp2) and math.isfinite(bias)) or abs(bias) > 20:
         log.warning("calibration fit with a bias failed (T=%.4g, b=%.4g); keeping T=%.4f, b=0", temp2, bias, temp)
         return temp, 0.0
-    log.info("fitted calibration T=%.4f, bias=%.4f on %d cases", temp2, bias, t.shape[0])
+    log.debug("fitted calibration T=%.4f, bias=%.4f on %d cases", temp2, bias, t.shape[0])
     return temp2, bias
 
 

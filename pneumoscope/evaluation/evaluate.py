@@ -15,7 +15,7 @@ from pneumoscope.data.splits import split_samples
 from pneumoscope.errors import CheckpointError, DatasetLayoutError
 from pneumoscope.evaluation.metrics import binary_metrics, bootstrap_ci
 from pneumoscope.evaluation.report import write_evaluation
-from pneumoscope.inference.adapt import adapt_batch
+from pneumoscope.inference.adapt import adapt_batch, check_batch
 from pneumoscope.inference.loader import load
 from pneumoscope.inference.runtime import pneumonia_score, softmax
 from pneumoscope.models.checkpoint import load_checkpoint
@@ -75,7 +75,7 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, out: str | Path, s
              metadata: str | Path | None = None, adapt: str | None = None) -> dict:
     """Evaluate ``checkpoint`` (None = bundled default) on ``data``; write report files into ``out``; return the report.
 
-    ``adapt`` (prior | bn | both; opt-in): also report the metrics after adapting to the evaluated images without
+    ``adapt`` ("prior"; opt-in): also report the metrics after adapting to the evaluated images without
     their labels (inference/adapt.py) as ``report["adapted"]``; the top-level figures stay the plain model's."""
 
     pred = load(checkpoint, device=device)
@@ -89,6 +89,8 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, out: str | Path, s
     keep = np.flatnonzero(d.ok)
     if len(keep) == 0:
         raise DatasetLayoutError(f"{data}: no readable image to evaluate")
+    if adapt:
+        check_batch(len(keep))  # before any model work
     logits = pred.logits(d.images[keep])
     y = np.array([samples[i].label for i in keep])
     groups = None

@@ -132,13 +132,18 @@ def auc_from_counts(pos: np.ndarray, neg: np.ndarray, cpos: np.ndarray, cneg: np
     return (cpos * wins).sum(axis=1) / (cpos.sum(axis=1) * cneg.sum(axis=1))
 
 
-def bootstrap_ci(y, p, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
+def bootstrap_ci(y, p, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
+                 groups=None) -> dict:
     """Percentile bootstrap (1 - alpha) CIs {metric: [lo, hi]} for accuracy, sensitivity, specificity and AUC.
 
     Cases are resampled with replacement *within each class* (stratified): every resample keeps the observed
     numbers of positives and negatives, so AUC is always defined and the prevalence is held fixed (the CI
     reflects case-to-case variation, not variation in prevalence). A metric undefined on the data (e.g. AUC
     with one class) gets None. Vectorised: the resamples are drawn as multinomial counts per case.
+
+    ``groups`` (one id per case, e.g. the patient): a cluster bootstrap. Whole groups are resampled, within the
+    strata "has a positive case" / "has none", so the films of one patient stay together and the CI is not
+    narrowed by counting a patient's correlated films as independent cases.
     """
     y, p = binary_inputs(y, p)
     if n_boot < 1 or not 0 < alpha < 1:
@@ -146,22 +151,46 @@ def bootstrap_ci(y, p, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0
     rng = np.random.default_rng(seed)
     pos, neg = p[y == 1], p[y == 0]
     n_pos, n_neg = pos.size, neg.size
-    cpos = rng.multinomial(n_pos, np.full(n_pos, 1.0 / n_pos), size=n_boot) if n_pos else np.zeros((n_boot, 0))
-    cneg = rng.multinomial(n_neg, np.full(n_neg, 1.0 / n_neg), size=n_boot) if n_neg else np.zeros((n_boot, 0))
+    if groups is not None:
+        counts = _group_counts(y, groups, n_boot, rng)  # (B, N) times each case occurs
+        cpos, cneg = counts[:, y == 1], counts[:, y == 0]
+    else:
+        cpos = rng.multinomial(n_pos, np.full(n_pos, 1.0 / n_pos), size=n_boot) if n_pos else np.zeros((n_boot, 0))
+        cneg = rng.multinomial(n_neg, np.full(n_neg, 1.0 / n_neg), size=n_boot) if n_neg else np.zeros((n_boot, 0))
     tp = cpos @ (pos >= threshold).astype(np.float64)  # (B,) true positives per resample
     tn = cneg @ (neg < threshold).astype(np.float64)
-    samples = {"accuracy": (tp + tn) / y.size, "sensitivity": None, "specificity": None, "auc": None}
-    if n_pos:
-        samples["sensitivity"] = tp / n_pos
-    if n_neg:
-        samples["specificity"] = tn / n_neg
+    m_pos, m_neg = cpos.sum(axis=1), cneg.sum(axis=1)  # n_pos, n_neg (fixed) unless groups are resampled
+    with np.errstate(invalid="ignore", divide="ignore"):
+        samples = {"accuracy": (tp + tn) / (m_pos + m_neg), "sensitivity": None, "specificity": None, "auc": None}
+        if n_pos:
+            samples["sensitivity"] = tp / m_pos
+        if n_neg:
+            samples["specificity"] = tn / m_neg
     if n_pos and n_neg:
         rows = max(1, 4_000_000 // max(n_pos, n_neg))  # bound memory of the (B, n) intermediates
         samples["auc"] = np.concatenate(
             [auc_from_counts(pos, neg, cpos[i : i + rows], cneg[i : i + rows]) for i in range(0, n_boot, rows)]
         )
     q = [alpha / 2, 1 - alpha / 2]
-    return {k: None if v is None else [float(x) for x in np.quantile(v, q)] for k, v in samples.items()}
+    return {k: None if v is None else [float(x) for x in np.nanquantile(v, q)] for k, v in samples.items()}
+
+
+def _group_counts(y: np.ndarray, groups, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_boot, N) case counts of a cluster bootstrap: groups drawn with replacement within the strata
+    "group has a positive case" and "group has none" (so every resample keeps both kinds of patient)."""
+    g = np.asarray(groups).reshape(-1)
+    if g.size != y.size:
+        raise ConfigError(f"groups ({g.size}) and labels ({y.size}) differ in length: pass one group id per case")
+    ids, inverse = np.unique(g, return_inverse=True)
+    has_pos = np.zeros(ids.size, dtype=bool)
+    has_pos[inverse[y == 1]] = True
+    group_counts = np.zeros((n_boot, ids.size))
+    for stratum in (has_pos, ~has_pos):
+        members = np.flatnonzero(stratum)
+        if members.size:
+            group_counts[:, members] = rng.multinomial(members.size, np.full(members.size, 1.0 / members.size),
+                                                       size=n_boot)
+    return group_counts[:, inverse]
 
 
 # ----------------------------------------------------------------------------- thresholds

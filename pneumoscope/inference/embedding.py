@@ -98,6 +98,10 @@ class EmbeddingReference:
         d = np.sqrt(np.maximum(d2, 0.0))
         return d if np.ndim(features) == 2 else d[0]
 
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """Out-of-distribution score of each row: distance / threshold (> 1 = out of distribution)."""
+        return np.atleast_1d(self.distance(features)) / self.threshold
+
     def flag(self, features: np.ndarray):
         """True where the distance exceeds the threshold: a bool for one vector, a bool array for (N, D)."""
         f = self.distance(features) > self.threshold
@@ -123,6 +127,43 @@ class EmbeddingReference:
         return cls(mean=arr(d["mean"]), precision=arr(d["precision"]), threshold=float(d["threshold"]),
                    quantile=float(d.get("quantile", 0.99)), layer=str(d.get("layer", "")), n_fit=int(d.get("n_fit", 0)),
                    features=str(d.get("features", "model")))
+
+
+@dataclass
+class ReferenceSet:
+    """Several populations a model was validated on, e.g. its base model's training images and the films of the site
+    it was adapted to (``pneumoscope adapt``): one ``EmbeddingReference`` each, in the same feature space. An image
+    is in distribution when it lies within the threshold of ANY of them: its score is the smallest of their scores.
+    A single Gaussian fitted on the pooled images would instead stretch over the gap between the populations and
+    stop flagging what lies between or beyond them."""
+
+    references: list[EmbeddingReference]
+
+    def __post_init__(self) -> None:
+        if not self.references or len({r.features for r in self.references}) != 1:
+            raise ValueError("a ReferenceSet needs >= 1 reference, all in one feature space, got "
+                             f"{[r.features for r in self.references]}")
+
+    @property
+    def features(self) -> str:
+        return self.references[0].features
+
+    @property
+    def quantile(self) -> float:  # an image is flagged only when beyond every reference: at most each one's rate
+        return max(r.quantile for r in self.references)
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        return np.min([r.score(features) for r in self.references], axis=0)
+
+    def to_dict(self) -> dict:
+        return {"components": [r.to_dict() for r in self.references]}
+
+
+def reference_from_dict(d: dict) -> EmbeddingReference | ReferenceSet:
+    """What a checkpoint's ``ood_reference`` holds: one reference, or ``{"components": [...]}`` of several."""
+    if "components" in d:
+        return ReferenceSet([EmbeddingReference.from_dict(c) for c in d["components"]])
+    return EmbeddingReference.from_dict(d)
 
 
 def reference_features(predictor, images_u8: np.ndarray, space: str) -> np.ndarray:

@@ -9,7 +9,7 @@ import torch
 
 from pneumoscope.data.digest import file_digest
 from pneumoscope.inference.default_model import default_checkpoint
-from pneumoscope.inference.embedding import EmbeddingReference
+from pneumoscope.inference.embedding import reference_from_dict
 from pneumoscope.inference.onnx import load_onnx_predictor
 from pneumoscope.inference.predictor import Predictor
 from pneumoscope.inference.runtime import pick_device, pick_precision
@@ -42,7 +42,7 @@ def load(checkpoint: str | Path | None = None, device: str = "auto", precision: 
     }
     ood_reference = None
     if ckpt.get("ood_reference"):
-        ood_reference = EmbeddingReference.from_dict(ckpt["ood_reference"])
+        ood_reference = reference_from_dict(ckpt["ood_reference"])
     return Predictor(model=model, preprocess=Preprocess.from_dict(ckpt["preprocess"]), ood_reference=ood_reference,
                      label_names=tuple(ckpt["label_names"]), threshold=float(threshold),
                      temperature=ckpt.get("temperature"), calibration_bias=float(ckpt.get("calibration_bias") or 0.0),

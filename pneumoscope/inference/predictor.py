@@ -22,9 +22,9 @@ from pneumoscope.data.images import (
 )
 from pneumoscope.data.quality import file_warnings, image_warnings
 from pneumoscope.errors import ImageReadError
-from pneumoscope.inference.adapt import adapt_batch
+from pneumoscope.inference.adapt import adapt_batch, check_batch
 from pneumoscope.inference.assess import NOT_ASSESSED, Assessment, assess
-from pneumoscope.inference.embedding import EmbeddingReference, reference_features
+from pneumoscope.inference.embedding import EmbeddingReference, ReferenceSet, reference_features
 from pneumoscope.inference.runtime import pneumonia_score, predict_logits, softmax
 from pneumoscope.models.preprocess import Preprocess
 
@@ -43,7 +43,7 @@ class Predictor:
     device: torch.device = torch.device("cpu")
     amp: torch.dtype | None = None
     backend: object | None = None  # e.g. inference.onnx.OnnxBackend: .logits(batch_u8) -> np.ndarray
-    ood_reference: EmbeddingReference | None = None  # shipped in the checkpoint, if any
+    ood_reference: EmbeddingReference | ReferenceSet | None = None  # shipped in the checkpoint, if any
 
     # -- preprocessing: the same uint8 resize as training's decode
     def prepare(self, item) -> tuple[np.ndarray, dict]:
@@ -73,7 +73,7 @@ class Predictor:
         if self.ood_reference is None:
             return None
         ref = self.ood_reference
-        return np.atleast_1d(ref.distance(reference_features(self, batch_u8, ref.features))) / ref.threshold
+        return ref.score(reference_features(self, batch_u8, ref.features))
 
     def assess(self, batch_u8: np.ndarray, quality: list[list[str]]) -> list[Assessment]:
         """``inference.assess.assess`` of each image of a batch: its quality flags and its OOD score."""
@@ -95,8 +95,8 @@ class Predictor:
 
         ``quality``: the model-free flags of each item when the caller computed them from the original (the service:
         ``data.quality.bytes_warnings`` of the upload, as ``file_warnings`` of the same file here).
-        ``adapt`` (prior | bn | both; opt-in, inference/adapt.py): the readable inputs are one batch from a new site;
-        each result then also holds ``adapted_probability`` and its label comes from it (and says so)."""
+        ``adapt`` ("prior"; opt-in, inference/adapt.py): the readable inputs, at least ``adapt.MIN_BATCH``, are one
+        batch from a new site; each result then also holds ``adapted_probability`` and its label comes from it (and says so)."""
         if isinstance(items, (str, Path, np.ndarray)):
             items = [items]
         results: list[dict] = []
@@ -117,6 +117,8 @@ class Predictor:
                 r["error"] = os_error_message(name, e) if isinstance(e, OSError) else str(e)
                 log.warning("cannot read %s", r["error"])
             results.append(r)
+        if adapt:
+            check_batch(len(ready))  # before any model work
         for start in range(0, len(ready), batch_size):
             chunk = ready[start:start + batch_size]
             batch = np.stack([u for _, u in chunk])

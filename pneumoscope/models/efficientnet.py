@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from pneumoscope.errors import CheckpointError, ConfigError
@@ -69,6 +70,46 @@ def efficientnet_lite0_imagenet(weights: str | Path | None = None) -> nn.Module:
         raise CheckpointError(f"{path} is not an EfficientNet-Lite0 ImageNet state_dict: {e}") from e
     net.preprocess = Preprocess(224, 3, EFFNET_LITE_RGB_MEAN, EFFNET_LITE_RGB_STD)
     return net.eval()
+
+
+def _stem(backbone: nn.Module):
+    act = backbone._relu if hasattr(backbone, "_relu") else backbone._swish
+    return lambda x: act(backbone._bn0(backbone._conv_stem(x)))
+
+
+def _block(backbone: nn.Module, i: int, x):
+    rate = backbone._global_params.drop_connect_rate or 0.0  # as the package's extract_features: scaled by depth
+    return backbone._blocks[i](x, drop_connect_rate=rate * i / len(backbone._blocks))
+
+
+def forward_until(backbone: nn.Module, x, stop: int):
+    """The stem and MBConv blocks ``[0, stop)`` of an EfficientNet(-Lite) backbone: the frozen part of a partial
+    fine-tune (``apply_trainable("last:N")`` freezes the stem and the first ``18 - N`` blocks)."""
+    x = _stem(backbone)(x)
+    for i in range(stop):
+        x = _block(backbone, i, x)
+    return x
+
+
+def forward_from(backbone: nn.Module, x, start: int):
+    """Blocks ``[start, end)``, the conv head and the average pool: ``forward_from(b, forward_until(b, x, k), k)``
+    equals ``b(x)`` (the backbone's pooled features; tested)."""
+    for i in range(start, len(backbone._blocks)):
+        x = _block(backbone, i, x)
+    act = backbone._relu if hasattr(backbone, "_relu") else backbone._swish
+    return act(backbone._bn1(backbone._conv_head(x))).mean((2, 3))
+
+
+def block_stats(backbone: nn.Module, x):
+    """(B, 2 * sum of block channels): the spatial mean and standard deviation of each channel after every MBConv
+    block (EfficientNet-Lite0 at any input size: 16 blocks, 2 x 1808 = 3616 numbers). Feature statistics of every
+    depth, from textures to parts; they carry acquisition "style" as well as content (docs/adapt.md)."""
+    x = _stem(backbone)(x)
+    out = []
+    for i in range(len(backbone._blocks)):
+        x = _block(backbone, i, x)
+        out += [x.mean((2, 3)), x.std((2, 3))]
+    return torch.cat(out, 1)
 
 
 SPECS = {"efficientnet_lite0": ModelSpec(

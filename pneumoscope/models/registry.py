@@ -28,7 +28,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from pneumoscope.errors import CheckpointError, ConfigError
-from pneumoscope.models import cnn_rnn, efficientnet, ensemble, monai_nets, seed_cnn
+from pneumoscope.models import cnn_rnn, efficientnet, ensemble, feature_head, monai_nets, seed_cnn
 from pneumoscope.models.layers import ModelSpec
 from pneumoscope.models.names import DEFAULT_INPUT_SIZE, list_models
 from pneumoscope.models.weights import fold_rgb_stem, read_state_dict, to_wrapped_keys
@@ -96,9 +96,12 @@ def create_model(name: str, *, num_classes: int = 1, image_size: int | None = No
 
 def rebuild(arch: Mapping[str, Any]) -> nn.Module:
     """Same architecture as the model whose `model.arch` is `arch`; random init, never loads weights.
-    An ensemble's arch (models/ensemble.py) rebuilds each member from its own arch."""
+    An ensemble's arch (models/ensemble.py) rebuilds each member from its own arch, a feature head's
+    (models/feature_head.py) its trunk."""
     if arch.get("name") == ensemble.NAME:
         return ensemble.from_arch(dict(arch), rebuild)
+    if arch.get("name") == feature_head.NAME:
+        return feature_head.from_arch(dict(arch), rebuild)
     kw = dict(arch)
     kw.pop("pretrained", None)
     kw.pop("weights", None)

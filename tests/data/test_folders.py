@@ -36,6 +36,8 @@ def _png(path: Path, value: int = 100, size: int = 8) -> Path:
     ("IM-0115-0001.jpeg", "IM-0115"),
     ("IM-0117-0001-0002.jpeg", "IM-0117"),
     ("NORMAL2-IM-0588-0001-0002.jpeg", "NORMAL2-IM-0588"),
+    ("00001362_004.png", "00001362"),  # NIH ChestX-ray14 (site_nih)
+    ("0001362_004.png", "0001362_004"),  # not 8 digits: its own patient
     ("scan.png", "scan"),
 ])
 def test_patient_ids(name, pid):

@@ -147,6 +147,21 @@ def test_bootstrap_ci_contains_estimate_narrows_reproducible():
     assert wide["auc"][0] <= ci["auc"][0] and wide["auc"][1] >= ci["auc"][1]
 
 
+def test_bootstrap_ci_by_patient_is_not_narrowed_by_repeated_films():
+    """Each patient's film counted three times: the case bootstrap's AUC interval shrinks by about sqrt(3), the
+    patient bootstrap's stays that of one film per patient."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 120)
+    p = np.clip(0.5 + 0.25 * (y - 0.5) + rng.normal(0, 0.2, 120), 0, 1)
+    width = lambda ci: ci["auc"][1] - ci["auc"][0]  # noqa: E731
+    one = width(M.bootstrap_ci(y, p, n_boot=2000))
+    y3, p3, g3 = np.repeat(y, 3), np.repeat(p, 3), np.repeat(np.arange(120), 3)
+    assert width(M.bootstrap_ci(y3, p3, n_boot=2000)) < 0.75 * one
+    assert width(M.bootstrap_ci(y3, p3, n_boot=2000, groups=g3)) == pytest.approx(one, rel=0.15)
+    with pytest.raises(ConfigError, match="one group id per case"):
+        M.bootstrap_ci(y, p, groups=np.arange(5))
+
+
 def test_bootstrap_ci_single_class():
     ci = M.bootstrap_ci([1, 1, 1, 1], [0.2, 0.6, 0.7, 0.9], 0.5, n_boot=50)
     assert ci["auc"] is None and ci["specificity"] is None

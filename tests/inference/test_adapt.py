@@ -1,16 +1,15 @@
-"""Adapting to a new site without labels (inference/adapt.py): EM prior re-estimation, AdaBN, opt-in reporting."""
+"""Adapting to a new site without labels (inference/adapt.py): EM prior re-estimation, opt-in reporting, refusal
+of batches too small to estimate a prior from."""
 import json
 
 import numpy as np
 import pytest
-import torch
 
 from pneumoscope.cli import main
 from pneumoscope.data.images import load_uint8
 from pneumoscope.errors import ConfigError
-from pneumoscope.inference.adapt import adabn, adapt_batch, em_prior
+from pneumoscope.inference.adapt import MIN_BATCH, adapt_batch, em_prior
 from pneumoscope.inference.loader import load
-from pneumoscope.models.registry import create_model
 
 
 def _posteriors(n: int, prior: float, source_prior: float, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -34,21 +33,8 @@ def test_em_recovers_a_known_prior_on_a_label_shifted_sample(target):
         em_prior(p, 1.0)
 
 
-def test_adabn_changes_batchnorm_statistics_only_when_asked(chest_xray):
-    torch.manual_seed(0)
-    model = create_model("cnn_rnn", image_size=32).eval()  # has BatchNorm
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    imgs = np.stack([load_uint8(p, 32) for p in sorted((chest_xray / "train" / "NORMAL").glob("*.jpeg"))[:12]])
-    adapted = adabn(model, imgs, model.preprocess, torch.device("cpu"))
-    for k, v in model.state_dict().items():  # the original is untouched
-        assert torch.equal(v, before[k]), k
-    changed = {k for k, v in adapted.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
-    assert not adapted.training
-
-
 def test_adaptation_is_opt_in_and_reported(tiny_checkpoint, chest_xray, tmp_path):
-    paths = [str(p) for p in sorted((chest_xray / "train" / "PNEUMONIA").glob("*.jpeg"))[:20]]
+    paths = [str(p) for p in sorted((chest_xray / "train" / "PNEUMONIA").glob("*.jpeg"))[:MIN_BATCH]]
     pred = load(tiny_checkpoint, device="cpu")
     plain = pred.predict(paths)
     assert all("adapted_probability" not in r for r in plain)  # off by default
@@ -56,8 +42,10 @@ def test_adaptation_is_opt_in_and_reported(tiny_checkpoint, chest_xray, tmp_path
     ad = pred.predict(paths, adapt="prior")
     assert [r["calibrated_probability"] for r in ad] == [r["calibrated_probability"] for r in plain]
     assert all(r["adaptation"] == "prior" and "adapted to this batch" in r["warnings"][-1] for r in ad)
-    p, info = adapt_batch(pred, np.stack([load_uint8(q, 64) for q in paths]), "bn")
-    assert info["bn_layers"] == 0 and "no BatchNorm" in info["note"]  # seed_cnn: bn changes nothing, and says so
+    p, info = adapt_batch(pred, np.stack([load_uint8(q, 64) for q in paths]), "prior")
+    assert info["n"] == MIN_BATCH and np.allclose(p, [r["adapted_probability"] for r in ad])
+    with pytest.raises(ConfigError, match="choose one of prior"):
+        adapt_batch(pred, np.stack([load_uint8(q, 64) for q in paths]), "bn")  # AdaBN was removed (docs/adapt.md)
     out = tmp_path / "rep"
     assert main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(chest_xray), "--split",
                  "validation", "--out", str(out), "--adapt-to-batch", "prior"]) == 0
@@ -70,3 +58,17 @@ def test_adaptation_is_opt_in_and_reported(tiny_checkpoint, chest_xray, tmp_path
                  "validation", "--out", str(plain_out)]) == 0
     q = json.loads((plain_out / "report.json").read_text())
     assert "adapted" not in q and q["auc"] == r["auc"] and q["accuracy"] == r["accuracy"]  # top level: plain model
+
+
+def test_small_batches_are_refused_before_any_work(tiny_checkpoint, chest_xray, tmp_path, caplog):
+    """One film with --adapt-to-batch once became PNEUMONIA 0.99999: now a usage error naming the minimum."""
+    one = sorted((chest_xray / "train" / "NORMAL").glob("*.jpeg"))[:1]
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--checkpoint", str(tiny_checkpoint), str(one[0]), "-o", str(out),
+                 "--adapt-to-batch", "prior"]) == 2
+    assert f"at least {MIN_BATCH} readable images" in caplog.text and not out.exists()
+    pred = load(tiny_checkpoint, device="cpu")
+    with pytest.raises(ConfigError, match=f"at least {MIN_BATCH}"):
+        pred.predict([str(p) for p in one] * 3, adapt="prior")
+    with pytest.raises(ConfigError, match=f"at least {MIN_BATCH}"):
+        adapt_batch(pred, np.zeros((MIN_BATCH - 1, 64, 64), np.uint8), "prior")

@@ -14,8 +14,10 @@ from pneumoscope.data.images import resize_uint8, to_uint8
 from pneumoscope.data.quality import file_warnings, image_warnings
 from pneumoscope.inference.embedding import (
     EmbeddingReference,
+    ReferenceSet,
     embed,
     feature_layer,
+    reference_from_dict,
     reference_from_images,
 )
 from pneumoscope.inference.loader import load
@@ -115,6 +117,25 @@ def test_embedding_reference_round_trips_through_a_checkpoint(tmp_path):
     back = EmbeddingReference.from_dict(torch.load(tmp_path / "c.pt", weights_only=True)["ood_reference"])
     assert np.allclose(back.distance(X[:5]), ref.distance(X[:5]), rtol=1e-5) and back.threshold == ref.threshold
     assert back.layer == "head" and back.n_fit == 300
+
+
+def test_reference_set_assesses_an_image_near_any_population(tmp_path):
+    """Two populations far apart: each one's images pass; points between or beyond both are flagged; a single
+    Gaussian of the pooled images would stretch over the gap and pass the point between them."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, (400, 6)), rng.normal(12, 1, (400, 6))
+    both = ReferenceSet([EmbeddingReference.fit(a, space="s"), EmbeddingReference.fit(b, space="s")])
+    assert (both.score(rng.normal(0, 1, (500, 6))) > 1).mean() < 0.05
+    assert (both.score(rng.normal(12, 1, (500, 6))) > 1).mean() < 0.05
+    between, beyond = np.full((1, 6), 6.0), np.full((1, 6), -8.0)
+    assert both.score(between)[0] > 1 and both.score(beyond)[0] > 1
+    assert EmbeddingReference.fit(np.vstack([a, b]), space="s").score(between)[0] < 1
+    torch.save({"ood_reference": both.to_dict()}, tmp_path / "c.pt")
+    back = reference_from_dict(torch.load(tmp_path / "c.pt", weights_only=True)["ood_reference"])
+    assert isinstance(back, ReferenceSet) and back.features == "s"
+    np.testing.assert_allclose(back.score(between), both.score(between), rtol=1e-5)
+    with pytest.raises(ValueError, match="one feature space"):
+        ReferenceSet([EmbeddingReference.fit(a, space="s"), EmbeddingReference.fit(b, space="t")])
 
 
 def test_frechet_distance():
