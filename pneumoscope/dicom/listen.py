@@ -40,7 +40,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from pneumoscope.dicom.results import model_text, probability_of, result_datasets, send
+from pneumoscope.dicom.results import model_identity, probability_of, result_datasets, send
 from pneumoscope.errors import ImageReadError
 from pneumoscope.inference.assess import NOT_ASSESSED
 from pneumoscope.inference.loader import load
@@ -90,8 +90,8 @@ class Pipeline:
         self._lock = threading.Lock()  # one prediction at a time: the model is not shared across threads
 
     @property
-    def model_text(self) -> str:
-        return model_text(self.predictor.info)
+    def model_identity(self) -> tuple[str, str, str]:
+        return model_identity(self.predictor.info)
 
     def process(self, ds, sop_uid: str, source: str) -> list:
         """The SR (and Secondary Capture) of ``ds``, after its prediction is stored. Raises HTTPException (the

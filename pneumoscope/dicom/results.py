@@ -1,7 +1,20 @@
-"""The derived objects of one predicted radiograph, in the source study: a Comprehensive SR (the qualitative
-evaluation "Pneumonia" present / absent / not assessed, the calibrated probability, the threshold, the model, the
-warnings, a reference to the source image) and a Secondary Capture of the Grad-CAM overlay. Both say they are
-derived and not for primary diagnosis. ``send`` stores them on a remote AE with C-STORE."""
+"""The derived objects of one predicted radiograph, in the source study: a DICOM SR **Imaging Measurement Report
+(TID 1500)** and a Secondary Capture of the Grad-CAM overlay. Both say they are derived and not for primary
+diagnosis. ``send`` stores them on a remote AE with C-STORE.
+
+The SR holds one Measurement and Qualitative Evaluation Group (TID 1501) for the finding Pneumonia (SNOMED CT
+233604007) at the chest (SCT 51185008 "Thoracic structure"):
+
+- the qualitative evaluation Pneumonia = Present (SCT 52101004) / Absent (SCT 2667000) / Presence Undetermined
+  (DCM 121059) for a film the model did not assess;
+- the calibrated probability (DCM 122157 "Probability") and the decision threshold (DCM 122411 "Threshold Value"),
+  unit UCUM "1"; the uncalibrated probability and the out-of-distribution score have no standard code: private
+  codes of the scheme 99PNEUMOSCOPE, declared in the Coding Scheme Identification Sequence;
+- the algorithm (TID 4019): name = the model's name, version = its version, parameters = its checksum;
+- the source image (DCM 121112 "Source of Measurement"); the observer is the pneumoscope device (TID 1004).
+
+The reason a film was not assessed and the warnings are TEXT items (DCM 121106 "Comment") of the group.
+"""
 from __future__ import annotations
 
 import io
@@ -11,6 +24,7 @@ import highdicom as hd
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pneumoscope import __version__
@@ -23,21 +37,20 @@ SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
 DISCLAIMER = "derived by pneumoscope, decision support, not for primary diagnosis"
 SR_SERIES_DESCRIPTION = "pneumoscope pneumonia SR (derived, not for primary diagnosis)"
 SC_SERIES_DESCRIPTION = "pneumoscope Grad-CAM (derived, not for primary diagnosis)"
-_LOCAL = "99PNEUMOSCOPE"
+PRIVATE_SCHEME = "99PNEUMOSCOPE"
 PNEUMONIA = hd.sr.CodedConcept("233604007", "SCT", "Pneumonia")
+CHEST = hd.sr.CodedConcept("51185008", "SCT", "Thoracic structure")
+PROCEDURE = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
 PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
 ABSENT = hd.sr.CodedConcept("2667000", "SCT", "Absent")
-NOT_ASSESSED_CODE = hd.sr.CodedConcept("NA-1", _LOCAL, "Not assessed")
-PROBABILITY = hd.sr.CodedConcept("P-CAL", _LOCAL, "Calibrated probability of pneumonia")
-RAW_PROBABILITY = hd.sr.CodedConcept("P-RAW", _LOCAL, "Uncalibrated probability of pneumonia")
-THRESHOLD = hd.sr.CodedConcept("THR", _LOCAL, "Decision threshold")
-OOD_SCORE = hd.sr.CodedConcept("OOD", _LOCAL, "Out-of-distribution score")
-MODEL = hd.sr.CodedConcept("MODEL", _LOCAL, "Model")
-WARNING = hd.sr.CodedConcept("WARN", _LOCAL, "Warning")
-REASON = hd.sr.CodedConcept("NA-REASON", _LOCAL, "Reason not assessed")
-SOURCE = hd.sr.CodedConcept("121112", "DCM", "Source of Measurement")
-TITLE = hd.sr.CodedConcept("PNEUMOSCOPE-RESULT", _LOCAL, "Pneumonia decision support result")
+NOT_ASSESSED_CODE = hd.sr.CodedConcept("121059", "DCM", "Presence Undetermined")
+PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
+THRESHOLD = hd.sr.CodedConcept("122411", "DCM", "Threshold Value")
+RAW_PROBABILITY = hd.sr.CodedConcept("P-RAW", PRIVATE_SCHEME, "Uncalibrated probability of pneumonia")
+OOD_SCORE = hd.sr.CodedConcept("OOD", PRIVATE_SCHEME, "Out-of-distribution score")
+COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
 UNITLESS = hd.sr.CodedConcept("1", "UCUM", "no units")
+FINDINGS = {"PNEUMONIA": PRESENT, "NORMAL": ABSENT, NOT_ASSESSED: NOT_ASSESSED_CODE}
 
 
 def probability_of(r: dict) -> float:
@@ -46,24 +59,18 @@ def probability_of(r: dict) -> float:
     return float(r["probability"] if p is None else p)
 
 
-def model_text(info: dict) -> str:
-    """The SR's "Model" text: what ``sync`` compares to tell whether a study was already assessed by this model."""
-    return f"{info['name']} version {info.get('version')} checksum {info['checksum']}"
+def model_identity(info: dict) -> tuple[str, str, str]:
+    """(name, version, checksum): what the SR's algorithm identification holds and ``sync`` compares to tell whether
+    a study was already assessed by this model."""
+    return str(info["name"]), str(info.get("version")), f"checksum {info['checksum']}"
 
 
-def _finding(label: str) -> hd.sr.CodedConcept:
-    if label == NOT_ASSESSED:
-        return NOT_ASSESSED_CODE
-    return PRESENT if label == "PNEUMONIA" else ABSENT
+def _measurement(name: hd.sr.CodedConcept, value: float) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=name, value=float(value), unit=UNITLESS)
 
 
-def _num(name: hd.sr.CodedConcept, value: float) -> hd.sr.NumContentItem:
-    return hd.sr.NumContentItem(name=name, value=float(value), unit=UNITLESS,
-                                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-
-
-def _text(name: hd.sr.CodedConcept, value: str) -> hd.sr.TextContentItem:
-    return hd.sr.TextContentItem(name=name, value=value[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+def _comment(text: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(name=COMMENT, value=text[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
 
 
 _COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID", "StudyDate",
@@ -82,35 +89,47 @@ def reference(source: Dataset) -> Dataset:
     return ref
 
 
+def _private_scheme() -> Dataset:
+    d = Dataset()
+    d.CodingSchemeDesignator = PRIVATE_SCHEME
+    d.CodingSchemeName = "pneumoscope private codes"
+    d.CodingSchemeResponsibleOrganization = "pneumoscope"
+    return d
+
+
 def structured_report(source: Dataset, r: dict, model: dict) -> Dataset:
-    """The Comprehensive SR of prediction ``r`` (``Predictor.predict``'s dict) of ``source`` by ``model``
-    (``Predictor.info``)."""
+    """The TID 1500 Imaging Measurement Report of prediction ``r`` (``Predictor.predict``'s dict) of ``source`` by
+    ``model`` (``Predictor.info``)."""
     source = reference(source)
-    ref = hd.sr.ImageContentItem(name=SOURCE, referenced_sop_class_uid=source.SOPClassUID,
-                                 referenced_sop_instance_uid=source.SOPInstanceUID,
-                                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-    items = [
-        hd.sr.CodeContentItem(name=PNEUMONIA, value=_finding(r["label"]),
-                              relationship_type=hd.sr.RelationshipTypeValues.CONTAINS),
-        _num(PROBABILITY, probability_of(r)),
-        _num(RAW_PROBABILITY, r["probability"]),
-        _num(THRESHOLD, r["threshold"]),
-        _text(MODEL, model_text(model)),
-        ref,
-    ]
+    name, version, checksum = model_identity(model)
+    algorithm = hd.sr.AlgorithmIdentification(name=name, version=version, parameters=[checksum])
+    measurements = [_measurement(PROBABILITY, probability_of(r)), _measurement(THRESHOLD, r["threshold"]),
+                    _measurement(RAW_PROBABILITY, r["probability"])]
     if r.get("ood_score") is not None:
-        items.append(_num(OOD_SCORE, r["ood_score"]))
-    if r.get("not_assessed_reason"):
-        items.append(_text(REASON, r["not_assessed_reason"]))
-    items += [_text(WARNING, w) for w in r.get("warnings", [])]
-    items.append(_text(hd.sr.CodedConcept("121106", "DCM", "Comment"), DISCLAIMER))
-    root = hd.sr.ContainerContentItem(name=TITLE, template_id=None)
-    root.ContentSequence = hd.sr.ContentSequence(items)
+        measurements.append(_measurement(OOD_SCORE, r["ood_score"]))
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="pneumonia"),
+        finding_type=PNEUMONIA, algorithm_id=algorithm, finding_sites=[hd.sr.FindingSite(CHEST)],
+        measurements=measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(PNEUMONIA, FINDINGS[r["label"]])],
+        source_images=[hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)])
+    comments = ([f"not assessed: {r['not_assessed_reason']}"] if r.get("not_assessed_reason") else []) + [
+        f"warning: {w}" for w in r.get("warnings", [])] + [DISCLAIMER]
+    group[0].ContentSequence.extend(_comment(c) for c in comments)
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=generate_uid(entropy_srcs=[name, version, checksum]),  # the same device UID for the same model
+            name="pneumoscope", manufacturer_name=MANUFACTURER, model_name=name, serial_number=version))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=PROCEDURE, imaging_measurements=[group])
     sr = hd.sr.ComprehensiveSR(
-        evidence=[source], content=root, series_instance_uid=generate_uid(), series_number=SR_SERIES_NUMBER,
+        evidence=[source], content=report, series_instance_uid=generate_uid(), series_number=SR_SERIES_NUMBER,
         sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER,
         series_description=SR_SERIES_DESCRIPTION, is_complete=True, is_final=False, is_verified=False,
     )
+    sr.CodingSchemeIdentificationSequence = [_private_scheme()]
     sr.SoftwareVersions = __version__
     return sr
 

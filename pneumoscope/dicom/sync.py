@@ -11,7 +11,7 @@ from fastapi import HTTPException
 from pydicom.dataset import Dataset
 
 from pneumoscope.dicom.listen import Pipeline
-from pneumoscope.dicom.results import MANUFACTURER, MODEL
+from pneumoscope.dicom.results import MANUFACTURER
 from pneumoscope.errors import ImageReadError
 
 log = logging.getLogger(__name__)
@@ -25,17 +25,34 @@ def _value(item: dict, tag: str) -> str | None:
     return str(v[0]) if v else None
 
 
-def _assessed_by(client: DICOMwebClient, study_uid: str, model_text: str) -> bool:
-    """Whether the study holds a pneumoscope SR whose "Model" text is ``model_text``."""
+ALGORITHM_NAME, ALGORITHM_VERSION, ALGORITHM_PARAMETERS = "111001", "111003", "111002"  # TID 4019 (DCM)
+
+
+def algorithms(ds: Dataset) -> set[tuple[str, str, str]]:
+    """(name, version, parameters) of every TID 4019 algorithm identification anywhere in an SR's content tree."""
+    found = set()
+
+    def walk(items) -> None:
+        texts: dict[str, str] = {}
+        for item in items:
+            code = item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item else None
+            if item.get("ValueType") == "TEXT" and code in (ALGORITHM_NAME, ALGORITHM_VERSION, ALGORITHM_PARAMETERS):
+                texts.setdefault(code, str(item.get("TextValue", "")))
+            walk(item.get("ContentSequence", []))
+        if ALGORITHM_NAME in texts:
+            found.add((texts[ALGORITHM_NAME], texts.get(ALGORITHM_VERSION, ""), texts.get(ALGORITHM_PARAMETERS, "")))
+
+    walk(ds.get("ContentSequence", []))
+    return found
+
+
+def _assessed_by(client: DICOMwebClient, study_uid: str, identity: tuple[str, str, str]) -> bool:
+    """Whether the study holds a pneumoscope SR whose algorithm (name, version, checksum) is ``identity``."""
     for series in client.search_for_series(study_uid, search_filters={"Modality": "SR"}):
         for meta in client.retrieve_series_metadata(study_uid, _value(series, SERIES_UID)):
             ds = Dataset.from_json(meta)
-            if ds.get("Manufacturer") != MANUFACTURER:
-                continue
-            for item in ds.get("ContentSequence", []):
-                code = item.ConceptNameCodeSequence[0]
-                if code.CodeValue == MODEL.value and item.get("TextValue") == model_text:
-                    return True
+            if ds.get("Manufacturer") == MANUFACTURER and identity in algorithms(ds):
+                return True
     return False
 
 
@@ -53,9 +70,9 @@ def sync(pipeline: Pipeline, url: str, since: str | None = None) -> dict:
             series_of.setdefault(_value(s, STUDY_UID), []).append(_value(s, SERIES_UID))
     for study_uid, series in sorted(series_of.items()):
         done["studies"] += 1
-        if _assessed_by(client, study_uid, pipeline.model_text):
+        if _assessed_by(client, study_uid, pipeline.model_identity):
             done["skipped"] += 1
-            log.info("study %s: already assessed by %s, skipped", study_uid, pipeline.model_text)
+            log.info("study %s: already assessed by %s, skipped", study_uid, " ".join(pipeline.model_identity))
             continue
         out: list[Dataset] = []
         for series_uid in series:

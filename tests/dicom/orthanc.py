@@ -91,5 +91,32 @@ def upload(http: str, file: Path) -> None:
 
 
 def content(sr: pydicom.Dataset) -> dict[str, pydicom.Dataset]:
-    """The SR's content items by concept code."""
-    return {item.ConceptNameCodeSequence[0].CodeValue: item for item in sr.ContentSequence}
+    """The SR's content items by concept code, at any depth of its content tree (the first of each code)."""
+    out: dict[str, pydicom.Dataset] = {}
+
+    def walk(items) -> None:
+        for item in items:
+            if "ConceptNameCodeSequence" in item:
+                out.setdefault(item.ConceptNameCodeSequence[0].CodeValue, item)
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return out
+
+
+def dciodvfy_errors(ds: pydicom.Dataset, tmp: Path) -> list[str]:
+    """The error lines of dicom3tools' dciodvfy on ``ds`` (warnings are not errors)."""
+    path = tmp / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    done = subprocess.run([str(require_program("dciodvfy", "dicom3tools")), str(path)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+
+
+def tid1500(ds: pydicom.Dataset):
+    """highdicom's own reading of a TID 1500 SR: its measurement groups (raises on a malformed SR)."""
+    import highdicom as hd
+
+    sr = hd.sr.ComprehensiveSR.from_dataset(ds)
+    assert sr.ConceptNameCodeSequence[0].CodeValue == "126000"  # root: Imaging Measurement Report
+    return sr.content.get_image_measurement_groups()

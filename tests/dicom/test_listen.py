@@ -19,10 +19,12 @@ from tests.dicom.orthanc import (
     SC_CLASS,
     SR_CLASS,
     content,
+    dciodvfy_errors,
     free_port,
     orthanc,
     orthanc_datasets,
     stop,
+    tid1500,
     wait_for,
 )
 
@@ -60,7 +62,7 @@ def pacs(tmp_path_factory, dicom_dir):
         try:
             wait_for(lambda: echo(listen_port), 60, "pneumoscope dicom listen", listener, llog)
             yield {"http": http, "port": listen_port, "log": llog, "db": db, "storescu": storescu,
-                   "echoscu": echoscu, "dicom_dir": dicom_dir, "listener": listener}
+                   "echoscu": echoscu, "dicom_dir": dicom_dir, "listener": listener, "tmp": tmp}
         finally:
             stop(listener)
 
@@ -96,11 +98,20 @@ def test_chest_radiographs_come_back_as_sr_and_secondary_capture(pacs):
                 .ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID]
         assert mine, f"{f.name}: no SR in Orthanc\n{log}"
         p = r["calibrated_probability"] if r["calibrated_probability"] is not None else r["probability"]
-        items = [i for i in mine if i["P-CAL"].MeasuredValueSequence[0].FloatingPointValue == pytest.approx(p, abs=1e-6)]
-        assert items, (f.name, p, [i["P-CAL"].MeasuredValueSequence[0].FloatingPointValue for i in mine])
-        finding = items[0]["233604007"].ConceptCodeSequence[0].CodeMeaning
-        assert finding == {"PNEUMONIA": "Present", "NORMAL": "Absent"}.get(r["label"], "Not assessed"), f.name
+        items = [i for i in mine if i["122157"].MeasuredValueSequence[0].FloatingPointValue == pytest.approx(p, abs=1e-6)]
+        assert items, (f.name, p, [i["122157"].MeasuredValueSequence[0].FloatingPointValue for i in mine])
+        finding = items[0]["233604007"].ConceptCodeSequence[0].CodeMeaning  # the qualitative evaluation Pneumonia
+        assert finding == {"PNEUMONIA": "Present", "NORMAL": "Absent"}.get(r["label"], "Presence Undetermined"), f.name
+        from pneumoscope.inference.loader import load
+
+        info = load(None, device="cpu").info  # the listener runs the bundled model: TID 4019 names it
+        assert (items[0]["111001"].TextValue, items[0]["111002"].TextValue) == (info["name"], f"checksum {info['checksum']}")
     assert len(srs) == len(CHEST) + 1  # the file sent twice: predicted (and its SR sent) twice, one study
+    for d in srs:  # every SR the listener produced: valid DICOM (dciodvfy) and a TID 1500 highdicom can read
+        assert dciodvfy_errors(d, pacs["tmp"]) == [], d.SOPInstanceUID
+        groups = tid1500(d)
+        assert len(groups) == 1 and groups[0].finding_type.value == "233604007"
+        assert {m.name.value for m in groups[0].get_measurements()} >= {"122157", "122411"}
     for d in srs + scs:
         assert "not for primary diagnosis" in d.SeriesDescription
         assert d.SeriesInstanceUID not in {pydicom.dcmread(f, force=True).get("SeriesInstanceUID") for f in files}

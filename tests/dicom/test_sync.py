@@ -17,8 +17,10 @@ from tests.dicom.orthanc import (
     SC_CLASS,
     SR_CLASS,
     content,
+    dciodvfy_errors,
     orthanc,
     orthanc_datasets,
+    tid1500,
     upload,
 )
 
@@ -56,7 +58,12 @@ def test_sync_stores_one_sr_per_image_and_is_idempotent(tmp_path, dicom_dir):
             src = pydicom.dcmread(f, force=True)
             sr = next(d for d in srs if d.StudyInstanceUID == src.StudyInstanceUID)
             p = r["calibrated_probability"] if r["calibrated_probability"] is not None else r["probability"]
-            assert content(sr)["P-CAL"].MeasuredValueSequence[0].FloatingPointValue == pytest.approx(p, abs=1e-6)
+            assert content(sr)["122157"].MeasuredValueSequence[0].FloatingPointValue == pytest.approx(p, abs=1e-6)
+            assert content(sr)["233604007"].ConceptCodeSequence[0].CodeMeaning == {
+                "PNEUMONIA": "Present", "NORMAL": "Absent"}.get(r["label"], "Presence Undetermined")
+        for sr in srs:  # every SR of the sync: valid DICOM (dciodvfy) and a TID 1500 highdicom can read
+            assert dciodvfy_errors(sr, tmp_path) == [], sr.SOPInstanceUID
+            assert len(tid1500(sr)) == 1
         second = run("dicom", "sync", "--dicomweb", web, "--db", db)
         assert second["skipped"] == 2 and second["predicted"] == 0 and second["stored"] == 0, second
         assert len(orthanc_datasets(http)) == len(received)
