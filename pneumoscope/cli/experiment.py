@@ -57,6 +57,21 @@ def _select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _triage(args: argparse.Namespace) -> int:
+    from pneumoscope.studies.triage import triage
+
+    try:
+        rates = tuple(float(r) for r in args.rates.split(",") if r.strip())
+    except ValueError:
+        from pneumoscope.errors import ConfigError
+
+        raise ConfigError(f"--rates {args.rates!r} is invalid: give comma-separated multiples of the arrival rate, "
+                          "e.g. 0.8,1,1.25") from None
+    triage(args.data, args.out, args.checkpoint, args.hours, rates, args.seed, args.split)
+    log.info("table in %s", Path(args.out) / "triage.md")
+    return 0
+
+
 def register(sub) -> None:
     s = sub.add_parser("select", help="score checkpoints on validation, shifted validation and the external probes; "
                                       "one table and the winner by the rule of MODEL_CARD.md")
@@ -92,6 +107,19 @@ def register(sub) -> None:
     s.add_argument("--cache-dir", dest="cache_dir", default=None)
     s.add_argument("--device", default=None)
     s.set_defaults(func=_image_size)
+
+    s = ex.add_parser("triage", help="replay a labelled folder as a day of arrivals: how much sooner are pneumonia "
+                                     "films read in worklist order than in arrival order?")
+    s.add_argument("--data", required=True, help="labelled folder (NORMAL/ PNEUMONIA/, or train/ val/ test/: all films)")
+    s.add_argument("--checkpoint", help="model (default: the bundled model)")
+    s.add_argument("--out", default="runs/triage", help="output folder (default runs/triage)")
+    s.add_argument("--hours", type=float, default=8.0, help="the films arrive over this many hours (default 8)")
+    s.add_argument("--rates", default="0.8,1,1.25",
+                   help="reading rates as multiples of the arrival rate, comma-separated (default 0.8,1,1.25)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the arrival times (default 0)")
+    s.add_argument("--split", choices=["validation"], default=None,
+                   help="validation: the checkpoint's own validation split of the training folder --data")
+    s.set_defaults(func=_triage)
 
     s = ex.add_parser("shift", help="evaluate a checkpoint under controlled acquisition shifts (blur, noise, ...)")
     s.add_argument("--checkpoint", required=True, help="best.pt of a run")

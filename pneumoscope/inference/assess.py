@@ -16,6 +16,19 @@ NOT_ASSESSED = "not assessed"
 BLOCKING = ("blank or constant image", "colour image")
 
 
+# The reading worklist's order (the service's GET /worklist, serve/db.py's SQL, and the triage experiment):
+WORKLIST_RULE = ("unreviewed studies only; 1. likely pneumonia (label PNEUMONIA), highest calibrated probability first; "
+                 "2. not assessed (the model could not read them: a reader must), oldest first; 3. the rest (label "
+                 "NORMAL), highest probability first; within a tie the oldest first; a review closes an item")
+TIERS = {1: "likely pneumonia", 2: "not assessed", 3: "likely normal"}
+
+
+def reading_key(label: str, probability: float | None, arrival: float) -> tuple:
+    """Sort key of WORKLIST_RULE: (tier, -probability, arrival); smaller = read sooner."""
+    tier = 1 if label == "PNEUMONIA" else 2 if label == NOT_ASSESSED else 3
+    return tier, 0.0 if tier == 2 or probability is None else -float(probability), arrival
+
+
 def ood_warning(score: float) -> str:
     return (f"not like the training images (out of distribution: score {score:.2f} > 1): the prediction is "
             "unreliable; review manually")

@@ -35,6 +35,7 @@ from scipy.stats import binom
 from starlette.concurrency import run_in_threadpool
 
 from pneumoscope.data.images import read_image_bytes, resize_uint8, to_uint8
+from pneumoscope.inference.assess import WORKLIST_RULE
 from pneumoscope.inference.loader import load
 from pneumoscope.inference.predictor import Predictor
 from pneumoscope.serve.db import ModelRecord, PredictionRecord, StudyDB
@@ -255,6 +256,10 @@ def _study_routes(svc: Service) -> APIRouter:
     @router.get("/studies", dependencies=AUTH, summary="studies, most recent prediction first")
     async def studies(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
         return {"studies": await run_in_threadpool(db.list_studies, limit, offset)}
+
+    @router.get("/worklist", dependencies=AUTH, summary="unreviewed studies in reading order: likely pneumonia first")
+    async def worklist(limit: int = Query(100, ge=1, le=1000)) -> dict:
+        return {"rule": WORKLIST_RULE, "items": await run_in_threadpool(db.worklist, limit)}
 
     @router.get("/studies/{study_id}", dependencies=AUTH, summary="one study, its latest prediction and its reviews")
     async def study(study_id: str) -> dict:

@@ -29,6 +29,7 @@ from sqlalchemy import exc, text
 from sqlalchemy.engine import Connection
 
 from pneumoscope.errors import ConfigError
+from pneumoscope.inference.assess import TIERS
 from pneumoscope.serve.schema import describe, engine_for, is_url, migrate
 
 log = logging.getLogger(__name__)
@@ -308,6 +309,25 @@ class StudyDB:
             "LEFT JOIN predictions p ON p.id = (SELECT max(id) FROM predictions WHERE study_id = s.id) "
             "LEFT JOIN reviews r ON r.id = (SELECT max(id) FROM reviews WHERE study_id = s.id) "
             "ORDER BY p.id DESC LIMIT :limit OFFSET :offset", limit=limit, offset=offset)
+
+    def worklist(self, limit: int = 100) -> list[dict]:
+        """Unreviewed studies in reading order (``inference.assess.WORKLIST_RULE``, ``reading_key`` in SQL): likely
+        pneumonia first by calibrated probability,
+        then the studies the model did not assess, then the rest by probability; oldest first within a tie. A
+        review closes an item. Each row says its ``tier`` and ``position`` (1 = read first)."""
+        rows = self._rows(
+            "SELECT s.id AS study_id, s.patient_id, s.filename, s.received, s.format, s.modality, p.id AS prediction_id, "
+            "p.probability, p.calibrated_probability, p.threshold, p.label, p.created AS predicted, "
+            "CASE WHEN p.label = 'PNEUMONIA' THEN 1 WHEN p.label = 'not assessed' THEN 2 ELSE 3 END AS tier, "
+            "CASE WHEN p.label = 'not assessed' THEN 0 ELSE coalesce(p.calibrated_probability, p.probability) END "
+            "AS urgency FROM studies s "
+            "JOIN predictions p ON p.id = (SELECT max(id) FROM predictions WHERE study_id = s.id) "
+            "WHERE NOT EXISTS (SELECT 1 FROM reviews r WHERE r.study_id = s.id) "
+            "ORDER BY tier, urgency DESC, p.id LIMIT :limit", limit=limit)
+        for i, r in enumerate(rows, 1):
+            r["position"], r["tier"] = i, TIERS[int(r.pop("tier"))]
+            r.pop("urgency")
+        return rows
 
     def counts(self) -> dict[str, int]:
         c = self.conn

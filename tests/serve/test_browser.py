@@ -60,3 +60,53 @@ def test_viewer_upload_heatmap_slider_review(system_program, server_factory, jpe
             assert errors == []
         finally:
             browser.close()
+
+
+def test_worklist_view_orders_unreviewed_studies_and_a_review_closes_an_item(system_program, server_factory, jpegs,
+                                                                            tmp_path):
+    """Five X-rays and a colour photo: the page's worklist is the API's order (likely pneumonia first, the photo
+    'not assessed' and shown without a probability), and reviewing an item removes it from the list."""
+    import httpx
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = system_program("chromium", "chromium", [CHROMIUM])
+    server = server_factory(api_key=KEY)
+    photo = tmp_path / "photo.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)).save(photo)
+    files = [*map(str, jpegs[:5]), str(photo)]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url + "/")
+            page.fill("#api-key", KEY)
+            page.dispatch_event("#api-key", "change")
+            page.set_input_files("#file-input", files)
+            expect(page.locator("#status")).to_contain_text("6 file(s) analysed", timeout=60_000)
+            rows = page.locator("#worklist tbody tr")
+            expect(rows).to_have_count(6)
+            api = httpx.get(server.url + "/worklist", headers={"X-API-Key": KEY}).json()
+            order = [i["filename"] for i in api["items"]]
+            assert [rows.nth(k).locator(".file-cell").text_content() for k in range(6)] == order
+            tiers = [i["tier"] for i in api["items"]]
+            rank = {"likely pneumonia": 1, "not assessed": 2, "likely normal": 3}
+            assert [rank[t] for t in tiers] == sorted(rank[t] for t in tiers)
+            photo_row = rows.nth(order.index("photo.png"))
+            expect(photo_row.locator("td").nth(1)).to_have_text("not assessed")
+            expect(photo_row.locator("td").nth(4)).to_have_text("not assessed")  # no probability shown
+            expect(page.locator("#worklist-rule")).to_contain_text("likely pneumonia")
+            rows.first.click()
+            # opening a study may compute its heatmap on the server first
+            expect(page.locator("#study-id")).to_have_text(api["items"][0]["study_id"], timeout=15_000)
+            page.fill("#reviewer", "Dr Worklist")
+            page.click("#agree")
+            expect(rows).to_have_count(5)
+            assert [rows.nth(k).locator(".file-cell").text_content() for k in range(5)] == order[1:]
+            assert errors == []
+        finally:
+            browser.close()

@@ -264,3 +264,22 @@ def test_urls(postgres):
         StudyDB("nosuchdialect://x/y")
     with pytest.raises(ConfigError, match=r"cannot open the study database postgresql\+psycopg://u:\*\*\*@127.0.0.1:1/x"):
         StudyDB("postgresql+psycopg://u:secret@127.0.0.1:1/x")
+
+
+def test_worklist_puts_likely_pneumonia_first_keeps_not_assessed_and_closes_on_review(study_db):
+    db = StudyDB(study_db)
+    cases = [("a", "NORMAL", 0.30), ("b", "PNEUMONIA", 0.80), ("c", "not assessed", 0.99), ("d", "PNEUMONIA", 0.95),
+             ("e", "NORMAL", 0.45), ("f", "not assessed", 0.10)]
+    ids = {}
+    for sha, label, p in cases:  # arrival order a..f
+        ids[sha] = db.add_predictions([entry(sha * 64, label=label, calibrated_probability=p, study_uid=None,
+                                             filename=f"{sha}.png")], MODEL)[0]["study_id"]
+    items = db.worklist()
+    assert [i["filename"] for i in items] == ["d.png", "b.png", "c.png", "f.png", "e.png", "a.png"]
+    assert [i["position"] for i in items] == list(range(1, 7))
+    assert [i["tier"] for i in items] == ["likely pneumonia"] * 2 + ["not assessed"] * 2 + ["likely normal"] * 2
+    db.add_review(ids["d"], "Dr R", "agree")
+    db.add_review(ids["c"], "Dr R", "disagree")
+    assert [i["filename"] for i in db.worklist()] == ["b.png", "f.png", "e.png", "a.png"]
+    assert [i["filename"] for i in db.worklist(limit=2)] == ["b.png", "f.png"]
+    db.close()

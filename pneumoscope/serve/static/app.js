@@ -95,6 +95,29 @@ async function refreshList() {
   markCurrent();
 }
 
+async function refreshWorklist() {
+  const { rule, items } = await (await api("/worklist?limit=200")).json();
+  $("worklist-rule").textContent = `Order: ${rule}.`;
+  const rows = items.map((w) => {
+    const tr = document.createElement("tr");
+    tr.dataset.id = w.study_id;
+    const notAssessed = w.label === "not assessed";
+    const cells = [String(w.position), w.tier, w.filename || "–", w.patient_id || "–",
+                   notAssessed ? "not assessed" : fmt(w.calibrated_probability ?? w.probability),
+                   w.received ? w.received.replace("T", " ").slice(0, 19) : "–"];
+    for (const c of cells) tr.appendChild(Object.assign(document.createElement("td"), { textContent: c }));
+    tr.className = "tier-" + w.tier.replace(/ /g, "-");
+    tr.cells[2].className = "file-cell";
+    tr.addEventListener("click", () => showStudy(w.study_id).catch((e) => setStatus(e.message, true)));
+    return tr;
+  });
+  $("worklist").tBodies[0].replaceChildren(...rows);
+}
+
+async function refreshAll() {
+  await Promise.all([refreshList(), refreshWorklist()]);
+}
+
 async function upload(files) {
   if (!files.length) return;
   const form = new FormData();
@@ -105,7 +128,7 @@ async function upload(files) {
     const out = await (await api(`/predict?heatmap=${heat}`, { method: "POST", body: form })).json();
     const first = out.results[0];
     await showStudy(first.study_id, first.heatmap_png_base64);
-    await refreshList();
+    await refreshAll();
     setStatus(`${out.results.length} file(s) analysed in ${Math.round(out.latency_ms)} ms` +
               (first.duplicate ? " (seen before: added to the existing study)" : ""));
   } catch (e) {
@@ -124,7 +147,7 @@ async function review(decision) {
     })).json();
     $("review-status").textContent = reviewText(r.decision, r.reviewer);
     setStatus("review saved");
-    await refreshList();
+    await refreshAll();
   } catch (e) {
     setStatus(e.message, true);
   }
@@ -144,7 +167,7 @@ async function init() {
   $("api-key").value = sessionStorage.getItem("pneumoscope-api-key") || "";
   $("api-key").addEventListener("change", () => {
     sessionStorage.setItem("pneumoscope-api-key", $("api-key").value);
-    refreshList().then(() => setStatus("")).catch((e) => setStatus(e.message, true));
+    refreshAll().then(() => setStatus("")).catch((e) => setStatus(e.message, true));
   });
   $("file-input").addEventListener("change", (e) => { upload([...e.target.files]); e.target.value = ""; });
   const drop = $("drop");
@@ -155,13 +178,13 @@ async function init() {
   $("agree").addEventListener("click", () => review("agree"));
   $("disagree").addEventListener("click", () => review("disagree"));
   $("report").addEventListener("click", openReport);
-  $("refresh").addEventListener("click", () => refreshList().catch((e) => setStatus(e.message, true)));
+  $("refresh").addEventListener("click", () => refreshAll().catch((e) => setStatus(e.message, true)));
   try {
     const h = await (await fetch("/health")).json();
     $("model").textContent = `model ${h.model.name} ${h.model.version || ""} (${h.model.checksum.slice(7, 19)})`;
     $("key-box").hidden = !h.api_key_required;
     if (h.api_key_required && !$("api-key").value) { setStatus("enter the API key to start"); return; }
-    await refreshList();
+    await refreshAll();
   } catch (e) {
     setStatus(e.message, true);
   }
