@@ -20,6 +20,7 @@ from typing import Literal
 import numpy as np
 from fastapi import (
     APIRouter,
+    Depends,
     FastAPI,
     File,
     HTTPException,
@@ -39,6 +40,7 @@ from pneumoscope.inference.assess import WORKLIST_RULE
 from pneumoscope.inference.loader import load
 from pneumoscope.inference.predictor import Predictor
 from pneumoscope.serve.db import ModelRecord, PredictionRecord, StudyDB
+from pneumoscope.serve.problems import known_query_only, responses
 from pneumoscope.serve.security import PAGE_CSP, REPORT_CSP, Guard, api_key_header
 from pneumoscope.serve.study_report import build_report, render_html
 from pneumoscope.serve.uploads import (
@@ -53,14 +55,16 @@ from pneumoscope.serve.worker import ModelWorker
 log = logging.getLogger(__name__)
 
 MAX_FILES = 16               # files per request
+MAX_OFFSET = 2**31 - 1       # GET /studies: larger offsets overflow the database's integers (a 500 before)
 SITE_WINDOW, SITE_MIN = 50, 20  # site-level shift warning: over the last 50 uploads, once there are 20
 STATIC_DIR = Path(__file__).parent / "static"
-AUTH = [Security(api_key_header)]  # documents the header in OpenAPI; Guard enforces it
+
 
 
 class ReviewIn(BaseModel):
-    model_config = ConfigDict(str_strip_whitespace=True)
-    reviewer: str = Field(min_length=1, max_length=200)
+    model_config = ConfigDict(str_strip_whitespace=True, extra="forbid")  # a misspelt key is refused, not dropped
+    reviewer: str = Field(min_length=1, max_length=200, pattern=r"\S",
+                          description="who reviewed: at least one character that is not white space")
     decision: Literal["agree", "disagree"]
     comment: str = Field(default="", max_length=4000)
 
@@ -80,6 +84,12 @@ class Service:
     @property
     def info(self) -> dict:
         return self.predictor.info
+
+    @property
+    def auth(self) -> list:
+        """Every API route's dependencies: the X-API-Key header in the schema when the server has a key (Guard
+        enforces it), and no unknown query parameter."""
+        return ([Security(api_key_header)] if self.api_key else []) + [Depends(known_query_only)]
 
     @property
     def size(self) -> int:
@@ -195,10 +205,12 @@ def _page_routes(svc: Service) -> APIRouter:
 def _predict_route(svc: Service) -> APIRouter:
     router = APIRouter()
 
-    @router.post("/predict", dependencies=AUTH, summary="probability of pneumonia for one or more images")
+    @router.post("/predict", dependencies=svc.auth, summary="probability of pneumonia for one or more images",
+                 responses=responses(400, 401, 413, 415, 422))
     async def predict(
         response: Response,
-        file: list[UploadFile] = File(..., description="JPEG, PNG or DICOM; repeat the field for several files"),
+        file: list[UploadFile] = File(..., min_length=1,
+                                      description="JPEG, PNG or DICOM; repeat the field for several files"),
         heatmap: bool = Query(True, description="compute the Grad-CAM overlay (slower)"),
     ) -> dict:
         if len(file) > MAX_FILES:
@@ -253,31 +265,36 @@ def _study_routes(svc: Service) -> APIRouter:
     router = APIRouter()
     db, info = svc.db, svc.info
 
-    @router.get("/studies", dependencies=AUTH, summary="studies, most recent prediction first")
-    async def studies(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
+    @router.get("/studies", dependencies=svc.auth, summary="studies, most recent prediction first",
+                responses=responses(401, 422))
+    async def studies(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
         return {"studies": await run_in_threadpool(db.list_studies, limit, offset)}
 
-    @router.get("/worklist", dependencies=AUTH, summary="unreviewed studies in reading order: likely pneumonia first")
+    @router.get("/worklist", dependencies=svc.auth, summary="unreviewed studies in reading order: likely pneumonia first",
+                responses=responses(401, 422))
     async def worklist(limit: int = Query(100, ge=1, le=1000)) -> dict:
         return {"rule": WORKLIST_RULE, "items": await run_in_threadpool(db.worklist, limit)}
 
-    @router.get("/studies/{study_id}", dependencies=AUTH, summary="one study, its latest prediction and its reviews")
+    @router.get("/studies/{study_id}", dependencies=svc.auth, summary="one study, its latest prediction and its reviews",
+                responses=responses(401, 404))
     async def study(study_id: str) -> dict:
         s = await run_in_threadpool(svc.study_or_404, study_id)
         return {"study": s, "prediction": await run_in_threadpool(db.latest_prediction, study_id),
                 "reviews": await run_in_threadpool(db.reviews, study_id), "image_url": f"/studies/{study_id}/image.png",
                 "heatmap_url": f"/studies/{study_id}/heatmap.png", "report_url": f"/studies/{study_id}/report"}
 
-    @router.get("/studies/{study_id}/image.png", dependencies=AUTH, response_class=Response,
-             summary="the viewer copy of the image (8-bit grey PNG, longest side <= 1024 px)")
+    @router.get("/studies/{study_id}/image.png", dependencies=svc.auth, response_class=Response,
+             summary="the viewer copy of the image (8-bit grey PNG, longest side <= 1024 px)",
+             responses={200: {"content": {"image/png": {}}}, **responses(401, 404)})
     async def image(study_id: str) -> Response:
         png = await run_in_threadpool(db.study_image, study_id)
         if png is None:
             raise HTTPException(404, f"no study {study_id!r}")
         return Response(png, media_type="image/png")
 
-    @router.get("/studies/{study_id}/heatmap.png", dependencies=AUTH, response_class=Response,
-             summary="the Grad-CAM overlay of the latest prediction")
+    @router.get("/studies/{study_id}/heatmap.png", dependencies=svc.auth, response_class=Response,
+             summary="the Grad-CAM overlay of the latest prediction",
+             responses={200: {"content": {"image/png": {}}}, **responses(401, 404)})
     async def heatmap_png(study_id: str) -> Response:
         await run_in_threadpool(svc.study_or_404, study_id)
         png = await svc.heatmap_png(study_id, await run_in_threadpool(db.latest_prediction, study_id))
@@ -285,7 +302,8 @@ def _study_routes(svc: Service) -> APIRouter:
             raise HTTPException(404, f"no heatmap for study {study_id!r} (its prediction was made by another model)")
         return Response(png, media_type="image/png")
 
-    @router.get("/studies/{study_id}/report", dependencies=AUTH, summary="the structured report (JSON, or ?format=html)")
+    @router.get("/studies/{study_id}/report", dependencies=svc.auth, summary="the structured report (JSON, or ?format=html)",
+                responses={200: {"content": {"application/json": {}, "text/html": {}}}, **responses(401, 404, 422)})
     async def report(study_id: str, format: Literal["json", "html"] = "json") -> Response:
         s = await run_in_threadpool(svc.study_or_404, study_id)
         p = await run_in_threadpool(db.latest_prediction, study_id)
@@ -297,8 +315,8 @@ def _study_routes(svc: Service) -> APIRouter:
             return HTMLResponse(render_html(rep), headers={"Content-Security-Policy": REPORT_CSP})
         return JSONResponse(rep)
 
-    @router.post("/studies/{study_id}/review", dependencies=AUTH, status_code=201,
-              summary="a radiologist's review of the latest prediction")
+    @router.post("/studies/{study_id}/review", dependencies=svc.auth, status_code=201,
+              summary="a radiologist's review of the latest prediction", responses=responses(400, 401, 404, 413, 422))
     async def review(study_id: str, body: ReviewIn) -> dict:
         r = await run_in_threadpool(db.add_review, study_id, body.reviewer, body.decision, body.comment)
         if r is None:

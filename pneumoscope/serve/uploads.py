@@ -24,6 +24,7 @@ from pneumoscope.data.images import (
 from pneumoscope.data.quality import bytes_warnings
 from pneumoscope.errors import ImageReadError, ImageTooLargeError
 from pneumoscope.serve.db import PredictionRecord, StudyRecord
+from pneumoscope.serve.problems import validation_problem
 from pneumoscope.trust.explain import overlay_png
 
 MAX_PIXELS = MAX_IMAGE_PIXELS  # the project's one limit (data/images.py); above: decompression bomb, 422
@@ -152,12 +153,10 @@ UPLOAD_HINT = ("send the image as multipart/form-data field 'file' (repeat the f
 
 
 def add_upload_error_handlers(app) -> None:
-    """Clear answers on POST /predict for a body that is not the expected multipart form (FastAPI's generic
-    ``Field required`` list, Starlette's bare ``Invalid multipart data.``); other routes keep FastAPI's answers."""
-    from fastapi.exception_handlers import (
-        http_exception_handler,
-        request_validation_exception_handler,
-    )
+    """Clear answers: on POST /predict for a body that is not the expected multipart form (instead of FastAPI's
+    generic ``Field required`` list, Starlette's bare ``Invalid multipart data.``); elsewhere one readable sentence
+    per invalid field (problems.validation_problem)."""
+    from fastapi.exception_handlers import http_exception_handler
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -169,7 +168,7 @@ def add_upload_error_handlers(app) -> None:
     async def validation(request, exc: RequestValidationError):
         about_file = [e for e in exc.errors() if tuple(e.get("loc", ()))[:2] == ("body", "file")]
         if not on_predict(request) or not about_file:
-            return await request_validation_exception_handler(request, exc)
+            return validation_problem(exc)
         ctype = request.headers.get("content-type", "").split(";")[0].strip() or "none"
         if ctype != "multipart/form-data":
             got = f"the body is not a multipart form (Content-Type: {ctype})"

@@ -66,9 +66,26 @@ def test_bodies_that_are_not_the_expected_form_say_what_to_send(client, items):
         r = client.post("/predict", **kw)
         assert r.status_code == status and msg in r.json()["detail"] and HINT in r.json()["detail"], (kw.keys(), r.text)
     assert counts(client) == before
-    # the other routes keep FastAPI's own validation answers
+    # the other routes: one readable sentence per invalid field in "detail", the machine-readable list in "errors"
     r = client.post(f"/studies/{'x' * 8}/review", json={"decision": "maybe"})
-    assert r.status_code == 422 and isinstance(r.json()["detail"], list)
+    assert r.status_code == 422 and isinstance(r.json()["errors"], list) and len(r.json()["errors"]) == 2
+    assert "body field 'reviewer': Field required" in r.json()["detail"]
+    assert "body field 'decision'" in r.json()["detail"] and "'maybe'" in r.json()["detail"]
+
+
+def test_misspelt_keys_unknown_parameters_and_huge_offsets_are_refused_with_the_fix(client):
+    """Found by Schemathesis and by hand (issue 25): each was accepted silently, or a 500."""
+    before = counts(client)
+    r = client.post(f"/studies/{'x' * 8}/review", json={"reviewer": "Dr A", "decision": "agree", "coment": "typo"})
+    assert r.status_code == 422 and "body field 'coment': Extra inputs are not permitted" in r.json()["detail"]
+    r = client.get("/studies", params={"limt": 5})
+    assert r.status_code == 422 and "unknown query parameter(s) 'limt'" in r.json()["detail"]
+    assert "takes: limit, offset" in r.json()["detail"]
+    r = client.get("/studies", params={"offset": 2**70})
+    assert r.status_code == 422 and "query parameter 'offset'" in r.json()["detail"]
+    r = client.post(f"/studies/{'x' * 8}/review", json={"reviewer": " \r", "decision": "agree"})
+    assert r.status_code == 422 and "body field 'reviewer'" in r.json()["detail"]
+    assert counts(client) == before
 
 
 def test_one_bad_file_refuses_the_request_and_stores_nothing(client, items):
