@@ -12,6 +12,15 @@ class ImageReadError(PneumoscopeError, ValueError):
 class ImageTooLargeError(ImageReadError):
     """An image has more pixels than the configured limit (decompression-bomb guard)."""
 
+    @classmethod
+    def of(cls, name: str, pixels: int | None, limit: int, size: tuple[int, int] | None = None) -> "ImageTooLargeError":
+        """THE message for an image over the pixel limit, whichever reader (Pillow, pydicom) noticed it."""
+        what = (f"{size[0]}x{size[1]} = {pixels:,} pixels" if size else f"{pixels:,} pixels" if pixels
+                else "too many pixels")
+        side = int(limit ** 0.5)
+        return cls(f"{name}: {what} exceeds the limit of {limit:,} pixels (decompression-bomb guard); downscale the "
+                   f"image to at most about {side} x {side} pixels and send it again")
+
 
 class IntensityRangeError(PneumoscopeError, ValueError):
     """An image array is outside the checked intensity range [0, 1] or not finite."""

@@ -12,6 +12,7 @@ import sys
 
 from pneumoscope import __version__
 from pneumoscope.cli import adapt, data, dicom, experiment, inference, serve, train
+from pneumoscope.cli.options import check_args
 from pneumoscope.errors import PneumoscopeError
 
 log = logging.getLogger("pneumoscope")
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
+        check_args(args)  # every option, before any model loads or file is created (cli/options.py)
         return int(args.func(args) or 0)
     except PneumoscopeError as e:
         log.error("%s", e)

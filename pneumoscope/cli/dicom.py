@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from pneumoscope.cli.options import check_port_free
 from pneumoscope.errors import ConfigError
 
 log = logging.getLogger("pneumoscope")
@@ -17,12 +18,14 @@ def _listen(args: argparse.Namespace) -> int:
         forward = Remote.parse(args.forward_to) if args.forward_to else None
     except ValueError as e:
         raise ConfigError(f"--forward-to {e}") from e
+    check_port_free(args.host, args.port)  # before the model loads and the database is created
     allowed = [a.strip() for a in (args.allow_ae or "").split(",") if a.strip()] or None
     if allowed is None:
         log.warning("no --allow-ae: any calling AE title may store images here; list the modalities and PACS "
                     "that may (an AE title is no authentication: keep the port on a trusted network)")
     listener = Listener(args.db, args.checkpoint, ae_title=args.ae_title, forward=forward, allowed_aes=allowed,
-                        device=args.device, heatmaps=not args.no_heatmap)
+                        device=args.device, heatmaps=not args.no_heatmap, outbox=args.outbox,
+                        retry_s=args.retry_seconds)
     try:
         listener.start(args.host, args.port, block=True)
     finally:
@@ -55,6 +58,10 @@ def register(sub) -> None:
     q.add_argument("--db", default="pneumoscope-studies.db",
                    help="study database (the same as `pneumoscope serve`'s): SQLite path or URL")
     q.add_argument("--forward-to", metavar="AET@HOST:PORT", help="C-STORE the SR and Secondary Capture there")
+    q.add_argument("--outbox", metavar="DIR", help="results wait here until --forward-to has them (default: DB.outbox "
+                                                   "beside a SQLite --db, else ./pneumoscope-outbox)")
+    q.add_argument("--retry-seconds", type=float, default=30.0,
+                   help="how often results the forward target did not take are sent again (default 30)")
     q.add_argument("--allow-ae", metavar="AET,...",
                    help="only these calling AE titles may associate (others are rejected): a security measure")
     q.add_argument("--checkpoint", help="model checkpoint or ONNX file (default: the bundled model)")

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 
+from pneumoscope.cli.options import check_port_free
 from pneumoscope.errors import ConfigError
 
 log = logging.getLogger("pneumoscope")
@@ -20,8 +21,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from pneumoscope.serve.schema import engine_for
 
-    if args.workers < 1:
-        raise ConfigError(f"--workers {args.workers}: pass 1 or more")
+    check_port_free(args.host, args.port)  # before the model loads and the database is created
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     salt = None
     if args.pseudonymize:

@@ -75,19 +75,18 @@ def read_dicom(
     try:
         meta = _metadata(ds, name, warnings)
         if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-            raise DicomError(f"{name}: no pixel data (is it a DICOM image, or a structured report / header-only file?)")
+            raise DicomError(f"{name}: no pixel data (is it a DICOM image, or a structured report / header-only file?); "
+                             "send the radiograph itself (CR or DX with its pixel data), or resend it if it was cut short")
         rows, cols = int(ds.Rows), int(ds.Columns)
         if max_pixels is not None and rows * cols > max_pixels:
-            raise ImageTooLargeError(
-                f"{name}: {cols}x{rows} = {rows * cols:,} pixels exceeds the limit of {max_pixels:,} pixels; "
-                "downscale the image or raise max_pixels"
-            )
+            raise ImageTooLargeError.of(name, rows * cols, max_pixels, (cols, rows))
         arr = _first_frame(ds, name, warnings)
         img = _to_unit_range(arr, ds, warnings)
     except (DicomError, ImageTooLargeError):  # ours, raised above: not to be re-wrapped
         raise
     except _PYDICOM_ERRORS as e:
-        raise DicomError(f"{name}: malformed DICOM ({type(e).__name__}: {e})") from e
+        raise DicomError(f"{name}: malformed DICOM ({type(e).__name__}: {e}); the file is damaged or was cut short: "
+                         "export it again from the modality or PACS and resend it") from e
     for w in warnings:
         log.warning("%s: %s", name, w)
     meta.update(original_size=tuple(img.shape), bit_depth=meta["bits_stored"], warnings=warnings)
@@ -116,7 +115,8 @@ def _read_dataset(source: str | Path | bytes, name: str):
                 else ExplicitVRLittleEndian if little in (True, None) else ExplicitVRBigEndian
             )
     except (InvalidDicomError, *_PYDICOM_ERRORS) as e:
-        raise DicomError(f"{name}: not a readable DICOM file ({type(e).__name__}: {e})") from e
+        raise DicomError(f"{name}: not a readable DICOM file ({type(e).__name__}: {e}); its header is damaged or "
+                         "truncated: export it again from the modality or PACS, or send a JPEG/PNG instead") from e
     return ds
 
 

@@ -3,10 +3,11 @@
 C-ECHO, and C-STORE of CR, DX (for presentation / processing) and Secondary Capture images in the usual transfer
 syntaxes. Each received dataset is decoded, predicted and recorded exactly as an upload to the HTTP service
 (``serve.uploads.decode_upload``, the same ``Predictor``, the same study database: one study per image checksum);
-with ``forward`` the Comprehensive SR and the Grad-CAM Secondary Capture (results.py) are C-STOREd to a remote AE.
+with ``forward`` the SR and the Grad-CAM Secondary Capture (results.py) are C-STOREd to a remote AE through an
+on-disk outbox (outbox.py: kept and retried while the target is down).
 
-Security: with ``allowed_aes`` only those calling AE titles may associate (``require_calling_aet``; others are
-rejected at association); an AE title is no authentication, so also keep the port on a trusted network.
+Security: an association whose called AE title is not this listener's is rejected; with ``allowed_aes`` only
+those calling AE titles may associate (``require_calling_aet``; others are rejected at association); an AE title is no authentication, so also keep the port on a trusted network.
 Refused inputs (another modality, no pixel data, a malformed dataset) are logged as ``refused`` and answered
 with a failure status (0xC000 "cannot understand"); the listener keeps running.
 """
@@ -17,6 +18,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import HTTPException
 from pydicom.uid import (
@@ -40,7 +42,8 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from pneumoscope.dicom.results import model_identity, probability_of, result_datasets, send
+from pneumoscope.dicom.outbox import Outbox
+from pneumoscope.dicom.results import model_identity, probability_of, result_datasets
 from pneumoscope.errors import ImageReadError
 from pneumoscope.inference.assess import NOT_ASSESSED
 from pneumoscope.inference.loader import load
@@ -123,28 +126,45 @@ class Listener:
     """The Storage SCP around a ``Pipeline``."""
 
     def __init__(self, db_path: str, checkpoint=None, ae_title: str = "PNEUMOSCOPE", forward: Remote | None = None,
-                 allowed_aes: list[str] | None = None, device: str = "auto", heatmaps: bool = True) -> None:
+                 allowed_aes: list[str] | None = None, device: str = "auto", heatmaps: bool = True,
+                 outbox: str | Path | None = None, retry_s: float = 30.0) -> None:
+        """``outbox``: where results wait for ``forward`` (default: beside a SQLite ``db_path``, else
+        ./pneumoscope-outbox); retried every ``retry_s`` seconds (dicom/outbox.py)."""
         self.pipeline = Pipeline(db_path, checkpoint, device=device, heatmaps=heatmaps)
         self.ae_title, self.forward = ae_title, forward
+        self.outbox = None
+        if forward is not None:
+            folder = outbox or (Path(f"{db_path}.outbox") if "://" not in str(db_path) else Path("pneumoscope-outbox"))
+            self.outbox = Outbox(folder, forward.ae_title, forward.host, forward.port, ae_title, retry_s)
         self.ae = AE(ae_title=ae_title)
+        self.ae.require_called_aet = True  # an association addressed to another AE title is rejected
         self.ae.add_supported_context(Verification)
         for uid in STORAGE_CLASSES:
             self.ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         if allowed_aes:
             self.ae.require_calling_aet = list(allowed_aes)
         self._server = None
+        self._closed = False
 
     def start(self, host: str, port: int, block: bool = False):
         handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS)]
         m = self.pipeline.model
         log.info("DICOM listener %s on %s:%d (model %s %s); study database %s; forwarding to %s", self.ae_title,
                  host, port, m.name, m.version, self.pipeline.db.path, self.forward or "nobody")
+        if self.outbox is not None:
+            self.outbox.start()  # also sends what an earlier run left in the outbox
         self._server = self.ae.start_server((host, port), block=block, evt_handlers=handlers)
         return self._server
 
     def close(self) -> None:
+        """Stop serving, stop the outbox's retries, close the database (once; a second call does nothing)."""
+        if self._closed:
+            return
+        self._closed = True
         if self._server is not None:
             self._server.shutdown()
+        if self.outbox is not None:
+            self.outbox.close()
         self.pipeline.close()
 
     def on_store(self, event) -> int:
@@ -168,8 +188,7 @@ class Listener:
         except Exception:  # the listener keeps running
             log.exception("refused %s from %s: unexpected error", sop_uid, calling)
             return CANNOT_UNDERSTAND
-        if self.forward is not None:
-            statuses = send(out, self.forward.ae_title, self.forward.host, self.forward.port, self.ae_title)
-            log.info("forwarded %d result(s) of %s to %s: status %s", len(out), sop_uid, self.forward.ae_title,
-                     ", ".join(f"0x{s:04X}" if s >= 0 else "none" for s in statuses))
+        if self.outbox is not None:
+            self.outbox.put(out)  # on disk first: a target that is down loses nothing
+            self.outbox.flush()
         return SUCCESS

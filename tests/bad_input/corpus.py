@@ -131,6 +131,9 @@ def image_items(chest_xray: Path, dicom_dir: Path) -> list[Item]:
         Item("huge_declared.png", png_header_only(7000, 7000), False, "exceeds the limit of 36,000,000", 422),
         Item("huge_declared.jpeg", jpeg_claiming(7000, 7000), False, "exceeds the limit of 36,000,000", 422),
         Item("huge_wide.png", png_header_only(60000, 1000), False, "exceeds the limit", 422),
+        # over twice Pillow's own limit: Pillow refuses it first, with the project's message all the same
+        Item("huge_pillow_bomb.png", png_header_only(100000, 100000), False,
+             "10,000,000,000 pixels exceeds the limit of 36,000,000 pixels", 422),
         Item("dicom_no_pixels.dcm", _dicom(dicom_dir / REAL_DICOM, no_pixels), False, "no pixel data", 422),
         Item("dicom_absurd_rows.dcm", _dicom(dicom_dir / REAL_DICOM, absurd_rows), False, "exceeds the limit", 422),
         Item("dicom_ct.dcm", _dicom(dicom_dir / REAL_DICOM, ct), False, "modality CT is not a radiograph", 422),
