@@ -45,7 +45,7 @@ from pynetdicom.sop_class import (
 from pneumoscope.dicom.outbox import Outbox
 from pneumoscope.dicom.results import model_identity, probability_of, result_datasets
 from pneumoscope.errors import ImageReadError
-from pneumoscope.inference.assess import NOT_ASSESSED
+from pneumoscope.inference.assess import heatmap_shown
 from pneumoscope.inference.loader import load
 from pneumoscope.inference.predictor import Predictor
 from pneumoscope.serve.db import ModelRecord, StudyDB
@@ -108,7 +108,7 @@ class Pipeline:
             if "error" in r:
                 raise ImageReadError(r["error"])
             png = None
-            if self.heatmaps and r["label"] != NOT_ASSESSED:
+            if self.heatmaps and heatmap_shown(r["label"]):
                 from pneumoscope.trust.explain import heatmaps
 
                 png = heatmap_overlay(u.view_u8, heatmaps(self.predictor, u.model_u8[None])[0])

@@ -28,7 +28,8 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pneumoscope import __version__
-from pneumoscope.inference.assess import NOT_ASSESSED
+from pneumoscope.inference.assess import NOT_ASSESSED, heatmap_shown
+from pneumoscope.trust.explain import caption_lines, with_caption
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +156,11 @@ def secondary_capture(source: Dataset, overlay_png: bytes) -> Dataset:
 
 
 def result_datasets(source: Dataset, r: dict, model: dict, overlay_png: bytes | None) -> list[Dataset]:
-    """The SR, and the Secondary Capture when there is an overlay (none for a not-assessed image)."""
+    """The SR, and the Secondary Capture when there is an overlay (only for a film labelled PNEUMONIA:
+    ``inference.assess.HEATMAP_RULE``); the Secondary Capture carries the label, the probability and the legend."""
     out = [structured_report(source, r, model)]
-    if overlay_png is not None and r["label"] != NOT_ASSESSED:
-        out.append(secondary_capture(source, overlay_png))
+    if overlay_png is not None and heatmap_shown(r["label"]):
+        out.append(secondary_capture(source, with_caption(overlay_png, caption_lines(r))))
     return out
 
 

@@ -23,6 +23,16 @@ WORKLIST_RULE = ("unreviewed studies only; 1. likely pneumonia (label PNEUMONIA)
 TIERS = {1: "likely pneumonia", 2: "not assessed", 3: "likely normal"}
 
 
+HEATMAP_RULE = ("a Grad-CAM map is shown only for a film labelled PNEUMONIA: on a film labelled NORMAL a map of "
+                "evidence for pneumonia (red on the abdomen, the film edges) reads as a finding, and a film the model "
+                "did not assess has no output worth explaining")
+
+
+def heatmap_shown(label: str) -> bool:
+    """HEATMAP_RULE: the service, the viewer, ``explain`` and the DICOM Secondary Capture all follow it."""
+    return label == "PNEUMONIA"
+
+
 def reading_key(label: str, probability: float | None, arrival: float) -> tuple:
     """Sort key of WORKLIST_RULE: (tier, -probability, arrival); smaller = read sooner."""
     tier = 1 if label == "PNEUMONIA" else 2 if label == NOT_ASSESSED else 3

@@ -36,7 +36,7 @@ from scipy.stats import binom
 from starlette.concurrency import run_in_threadpool
 
 from pneumoscope.data.images import read_image_bytes, resize_uint8, to_uint8
-from pneumoscope.inference.assess import WORKLIST_RULE
+from pneumoscope.inference.assess import HEATMAP_RULE, WORKLIST_RULE, heatmap_shown
 from pneumoscope.inference.loader import load
 from pneumoscope.inference.predictor import Predictor
 from pneumoscope.serve.db import ModelRecord, PredictionRecord, StudyDB
@@ -123,7 +123,7 @@ class Service:
     async def heatmap_png(self, study_id: str, prediction: dict | None) -> bytes | None:
         """The stored overlay of ``prediction``; computed (and stored) now when it has none and the loaded model
         made it. Computed from the viewer copy, which is at least the model's input size."""
-        if prediction is None:
+        if prediction is None or not heatmap_shown(prediction["label"]):
             return None
         if prediction["has_heatmap"]:
             return await run_in_threadpool(self.db.heatmap, prediction["id"])
@@ -297,9 +297,13 @@ def _study_routes(svc: Service) -> APIRouter:
              responses={200: {"content": {"image/png": {}}}, **responses(401, 404)})
     async def heatmap_png(study_id: str) -> Response:
         await run_in_threadpool(svc.study_or_404, study_id)
-        png = await svc.heatmap_png(study_id, await run_in_threadpool(db.latest_prediction, study_id))
+        p = await run_in_threadpool(db.latest_prediction, study_id)
+        png = await svc.heatmap_png(study_id, p)
         if png is None:
-            raise HTTPException(404, f"no heatmap for study {study_id!r} (its prediction was made by another model)")
+            why = ("it has no prediction" if p is None else
+                   f"it is labelled {p['label']}: {HEATMAP_RULE}" if not heatmap_shown(p["label"]) else
+                   "its prediction was made by another model than the one loaded")
+            raise HTTPException(404, f"no heatmap for study {study_id!r}: {why}")
         return Response(png, media_type="image/png")
 
     @router.get("/studies/{study_id}/report", dependencies=svc.auth, summary="the structured report (JSON, or ?format=html)",

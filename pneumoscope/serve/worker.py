@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pneumoscope.inference.assess import NOT_ASSESSED
+from pneumoscope.inference.assess import heatmap_shown
 from pneumoscope.trust.explain import heatmaps
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,8 @@ class ModelWorker:
         quality = [q for j in jobs for q in (j.quality or [None] * len(j.images))]
         results = self.predictor.predict(images, quality=quality)
         owners = [j for j in jobs for _ in j.images]
-        # no heatmap for an image the model cannot assess: it would explain a meaningless output
-        wanted = [i for i, j in enumerate(owners) if j.heatmaps and results[i].get("label") != NOT_ASSESSED]
+        # a map only for a film labelled PNEUMONIA (inference.assess.HEATMAP_RULE)
+        wanted = [i for i, j in enumerate(owners) if j.heatmaps and heatmap_shown(results[i].get("label", ""))]
         heat: dict[int, np.ndarray] = {}
         heat_error = None
         if wanted:

@@ -31,7 +31,7 @@ from torch import nn
 from pneumoscope.data.folders import expand_paths
 from pneumoscope.data.images import os_error_message, read_image, to_uint8
 from pneumoscope.errors import ImageReadError, PneumoscopeError
-from pneumoscope.inference.assess import NOT_ASSESSED
+from pneumoscope.inference.assess import HEATMAP_RULE, NOT_ASSESSED, heatmap_shown
 from pneumoscope.inference.loader import load
 from pneumoscope.inference.runtime import normalize
 
@@ -133,13 +133,52 @@ def overlay_png(image_u8: np.ndarray, heat: np.ndarray, alpha: float = 0.4, cmap
     return buf.getvalue()
 
 
+def caption_lines(r: dict) -> list[str]:
+    """What an overlay must say about itself: the label, the probability it comes from, what the colours mean."""
+    p = r["calibrated_probability"] if r.get("calibrated_probability") is not None else r["probability"]
+    return [f"{r['label']}: probability {p:.2f} (threshold {r['threshold']:.2f})",
+            "Grad-CAM: where the model found evidence for pneumonia", "decision support, not for primary diagnosis"]
+
+
+def with_caption(png: bytes, lines: list[str], cmap: str = "jet") -> bytes:
+    """The overlay ``png`` with a band below it: ``lines`` of text and the colour legend (none -> strongest)."""
+    from PIL import ImageDraw, ImageFont
+
+    top = Image.open(io.BytesIO(png)).convert("RGB")
+    w = top.width
+    size = max(10, min(18, w // 28))
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+    line_h, pad = size + 4, 6
+    bar_h = max(8, size // 2)
+    band = Image.new("RGB", (w, pad + len(lines) * line_h + bar_h + line_h + pad), "black")
+    draw = ImageDraw.Draw(band)
+    for i, text in enumerate(lines):
+        draw.text((pad, pad + i * line_h), text, fill="white", font=font)
+    y = pad + len(lines) * line_h
+    ramp = (colormaps[cmap](np.linspace(0, 1, max(2, w - 2 * pad)))[:, :3] * 255).astype(np.uint8)
+    band.paste(Image.fromarray(np.repeat(ramp[None], bar_h, axis=0), mode="RGB"), (pad, y))
+    draw.text((pad, y + bar_h + 1), "none", fill="white", font=font)
+    right = "strongest evidence"
+    draw.text((w - pad - int(draw.textlength(right, font=font)), y + bar_h + 1), right, fill="white", font=font)
+    out = Image.new("RGB", (w, top.height + band.height))
+    out.paste(top, (0, 0))
+    out.paste(band, (0, top.height))
+    buf = io.BytesIO()
+    out.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def explain(checkpoint: str | Path | None, paths: list[str | Path], out_dir: str | Path,
             device: str = "auto", errors: list[dict] | None = None) -> list[Path]:
     """Write ``<stem>_gradcam.png`` into ``out_dir`` for every image/DICOM file (folders are expanded).
 
     ``checkpoint=None`` explains the bundled default model. Unreadable files (corrupt, missing, unreadable, a link
     loop) are logged and skipped; ``errors``, when given, receives ``{"path", "error"}`` for each of them. Images
-    the model cannot assess (inference/assess.py) get no overlay, with their reason logged; every warning of
+    the model cannot assess (inference/assess.py) and films labelled NORMAL (``HEATMAP_RULE``) get no overlay, with
+    the reason logged; every overlay carries its label, probability and colour legend (``with_caption``); every warning of
     ``predict`` is logged. Two inputs with the same stem get ``<stem>_gradcam.png`` and ``<stem>_2_gradcam.png``.
     """
 
@@ -161,6 +200,9 @@ def explain(checkpoint: str | Path | None, paths: list[str | Path], out_dir: str
         if r["label"] == NOT_ASSESSED:
             log.warning("%s: not assessed, no heatmap written: %s", p, r["not_assessed_reason"])
             continue
+        if not heatmap_shown(r["label"]):
+            log.info("%s: labelled %s, no heatmap written (%s)", p, r["label"], HEATMAP_RULE)
+            continue
         try:
             image, heat = heatmap_for_file(predictor, p)
         except (ImageReadError, OSError) as e:
@@ -173,7 +215,7 @@ def explain(checkpoint: str | Path | None, paths: list[str | Path], out_dir: str
         while dest in written:
             n += 1
             dest = out / f"{p.stem}_{n}_gradcam.png"
-        dest.write_bytes(overlay_png(image, heat))
+        dest.write_bytes(with_caption(overlay_png(image, heat), caption_lines(r)))
         written.append(dest)
     log.info("wrote %d Grad-CAM overlay(s) to %s", len(written), out)
     return written

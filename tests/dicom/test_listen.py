@@ -115,8 +115,9 @@ def test_chest_radiographs_come_back_as_sr_and_secondary_capture(pacs):
     for d in srs + scs:
         assert "not for primary diagnosis" in d.SeriesDescription
         assert d.SeriesInstanceUID not in {pydicom.dcmread(f, force=True).get("SeriesInstanceUID") for f in files}
-    assessed = [r["label"] != "not assessed" for r in [*expected, expected[0]]]
-    assert len(scs) == sum(assessed), log  # none for a not-assessed image
+    shown = [r["label"] == "PNEUMONIA" for r in [*expected, expected[0]]]
+    assert len(scs) == sum(shown), log  # a Grad-CAM Secondary Capture only for a film labelled PNEUMONIA
+    assert all(d.Rows > d.Columns for d in scs)  # the square overlay plus its caption band (label, legend)
     assert all("not for primary diagnosis" in d.ImageComments and d.pixel_array.ndim == 3 for d in scs)
     from pneumoscope.serve.db import StudyDB
 

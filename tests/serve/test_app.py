@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from pneumoscope.serve.app import MAX_FILES, ModelWorker
+from pneumoscope.serve.app import MAX_FILES, ModelWorker, create_app
 from pneumoscope.serve.schema import revisions
 from pneumoscope.serve.study_report import REPORT_SCHEMA
 from tests.serve.test_study_report import validate
@@ -36,6 +36,18 @@ def png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(io.BytesIO(data)) as im:
         return im.size
+
+
+@pytest.fixture
+def labelled(predictor, tmp_path):
+    """A client whose model labels every film it assesses PNEUMONIA (threshold 0) or NORMAL (threshold above 1):
+    for the heatmap rule (inference.assess.HEATMAP_RULE), whatever the tiny model would say."""
+    import dataclasses
+
+    def make(label: str):
+        return TestClient(create_app(dataclasses.replace(predictor, threshold=0.0 if label == "PNEUMONIA" else 1.01),
+                                     tmp_path / f"{label}.db", api_key=KEY))
+    return make
 
 
 @pytest.fixture
@@ -91,7 +103,7 @@ def test_openapi_documents_the_endpoints_and_the_key(client):
 
 
 # ---------------------------------------------------------------------------------------------- predict
-def test_predict_jpeg_and_dicom_in_one_request(client, predictor, jpegs, dicom_dir):
+def test_predict_jpeg_and_dicom_in_one_request(client, predictor, jpegs, dicom_dir, labelled):
     jpeg, dcm = jpegs[1], dicom_dir / NIH
     r = client.post("/predict", headers=H, files=upload(jpeg, dcm))
     assert r.status_code == 200, r.text
@@ -109,10 +121,24 @@ def test_predict_jpeg_and_dicom_in_one_request(client, predictor, jpegs, dicom_d
     assert len(a["study_id"]) == 32  # generated for a JPEG
     assert b["study_id"].startswith("1.3.6.1.4.1.11129.5.5.")  # the StudyInstanceUID
     assert any("body part not recorded" in w for w in b["warnings"])
-    assert png_size(base64.b64decode(a["heatmap_png_base64"])) == (224, 224)  # the shared JPEGs are 224 px
-    assert png_size(base64.b64decode(b["heatmap_png_base64"])) == (512, 512)  # 1024 px DICOM, overlay <= 512
+    for got in (a, b):  # a map only for a film labelled PNEUMONIA
+        assert (got["heatmap_png_base64"] is not None) == (got["label"] == "PNEUMONIA"), got["label"]
     assert "Covid0000" not in r.text and "PatientID" not in r.text  # no raw DICOM meta echoed
     assert b["image_url"] == f"/studies/{b['study_id']}/image.png"
+    with labelled("PNEUMONIA") as c:  # the overlay's size follows the viewer copy
+        a, b = c.post("/predict", headers=H, files=upload(jpeg, dcm)).json()["results"]
+    assert png_size(base64.b64decode(a["heatmap_png_base64"])) == (224, 224)  # the shared JPEGs are 224 px
+    assert png_size(base64.b64decode(b["heatmap_png_base64"])) == (512, 512)  # 1024 px DICOM, overlay <= 512
+
+
+def test_no_heatmap_for_a_film_labelled_normal_and_the_404_says_why(labelled, jpegs):
+    with labelled("NORMAL") as c:
+        r = c.post("/predict", headers=H, files=upload(jpegs[0])).json()["results"][0]
+        assert r["label"] == "NORMAL" and r["heatmap_png_base64"] is None
+        h = c.get(f"/studies/{r['study_id']}/heatmap.png", headers=H)
+        assert h.status_code == 404 and "labelled NORMAL" in h.json()["detail"]
+        assert "shown only for a film labelled PNEUMONIA" in h.json()["detail"]
+        assert c.get(f"/studies/{r['study_id']}/report", headers=H).json()["heatmap"] is None
 
 
 def test_files_of_one_request_share_one_model_call(make_app, predictor, jpegs, monkeypatch):
@@ -171,7 +197,12 @@ def test_duplicate_upload_is_one_study_but_every_request_is_recorded(client, mak
     assert len(listed) == 1 and listed[0]["n_predictions"] == 2
 
 
-def test_heatmap_optional_then_computed_on_demand(client, jpegs):
+def test_heatmap_optional_then_computed_on_demand(labelled, jpegs):
+    with labelled("PNEUMONIA") as client:
+        _heatmap_on_demand(client, jpegs)
+
+
+def _heatmap_on_demand(client, jpegs):
     r = client.post("/predict?heatmap=false", headers=H, files=upload(jpegs[2])).json()["results"][0]
     assert r["heatmap_png_base64"] is None
     sid = r["study_id"]
@@ -210,7 +241,10 @@ def test_study_image_review_and_report(client, dicom_dir):
     assert validate(rep, REPORT_SCHEMA) == []
     assert rep["study"]["id"] == sid and rep["patient"] == {"id": "Covid0000", "pseudonymized": False}
     assert rep["result"]["probability"] == r["probability"] and rep["threshold"]["method"] == "youden"
-    assert base64.b64decode(rep["heatmap"]["png_base64"]) == base64.b64decode(r["heatmap_png_base64"])
+    if r["label"] == "PNEUMONIA":  # the report carries the map the answer carried (none for another label)
+        assert base64.b64decode(rep["heatmap"]["png_base64"]) == base64.b64decode(r["heatmap_png_base64"])
+    else:
+        assert rep["heatmap"] is None and r["heatmap_png_base64"] is None
     assert rep["reviews"][0]["comment"] == evil
     page = client.get(f"/studies/{sid}/report?format=html", headers=H)
     assert page.headers["content-type"].startswith("text/html")

@@ -110,3 +110,39 @@ def test_worklist_view_orders_unreviewed_studies_and_a_review_closes_an_item(sys
             assert errors == []
         finally:
             browser.close()
+
+
+def test_a_not_assessed_study_shows_why_never_a_probability_and_no_heatmap(system_program, server_factory, tmp_path):
+    """A colour photo: the headline says 'not assessed' (not 0.99), the figures are hidden, the study list says
+    'not assessed', and the page never asks for a heatmap that cannot exist."""
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = system_program("chromium", "chromium", [CHROMIUM])
+    server = server_factory(api_key=KEY)
+    photo = tmp_path / "cat.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(photo)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            requests: list[str] = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(server.url + "/")
+            page.fill("#api-key", KEY)
+            page.dispatch_event("#api-key", "change")
+            page.set_input_files("#file-input", str(photo))
+            expect(page.locator("#label")).to_have_text(re.compile(r"^not assessed: "), timeout=30_000)
+            expect(page.locator("#figures")).to_be_hidden()
+            expect(page.locator("#heatmap")).to_be_hidden()
+            expect(page.locator("#legend")).to_be_hidden()
+            expect(page.locator("#heatmap-note")).to_have_text("No heatmap: the model did not assess this film.")
+            expect(page.locator("#warnings")).to_contain_text("colour image")
+            row = page.locator("#studies tbody tr").first
+            expect(row.locator("td").nth(5)).to_have_text("not assessed")
+            row.click()
+            expect(page.locator("#label")).to_have_text(re.compile(r"^not assessed: "))
+            assert not [u for u in requests if u.endswith("/heatmap.png")], requests
+        finally:
+            browser.close()

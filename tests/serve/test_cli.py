@@ -5,7 +5,7 @@ import argparse
 
 import pytest
 
-from pneumoscope.cli import build_parser
+from pneumoscope.cli import build_parser, main
 from pneumoscope.errors import CheckpointError, ConfigError
 
 
@@ -50,8 +50,7 @@ def test_serve_db_in_a_missing_folder_or_not_a_database_is_a_clear_error(tmp_pat
             a.func(a)
 
 
-def test_workers_default_and_check():
+def test_workers_default_and_check(caplog):
     assert parse(["serve"]).workers == 1 and parse(["serve", "--workers", "3"]).workers == 3
-    a = parse(["serve", "--workers", "0"])
-    with pytest.raises(ConfigError, match="--workers 0"):
-        a.func(a)
+    assert main(["serve", "--workers", "0"]) == 2  # checked with every option (cli/options.py), before any work
+    assert "--workers 0 is invalid: allowed is 1 to 64" in caplog.text

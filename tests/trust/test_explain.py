@@ -127,15 +127,23 @@ def test_overlay_png_has_the_image_size():
 
 
 @pytest.mark.slow
-def test_explain_writes_one_overlay_per_file(tiny_checkpoint, chest_xray, tmp_path):
-    files = sorted((chest_xray / "train" / "PNEUMONIA").glob("*.jpeg"))[:2]
+def test_explain_writes_one_captioned_overlay_per_film_labelled_pneumonia(tiny_checkpoint, chest_xray, tmp_path):
+    from pneumoscope.inference.loader import load
+
+    files = sorted((chest_xray / "train" / "PNEUMONIA").glob("*.jpeg"))[:4] + \
+        sorted((chest_xray / "train" / "NORMAL").glob("*.jpeg"))[:4]
+    labels = [r["label"] for r in load(tiny_checkpoint, device="cpu").predict(files)]
+    shown = [f for f, label in zip(files, labels) if label == "PNEUMONIA"]
+    assert shown and len(shown) < len(files)  # both kinds in the sample
     written = explain(tiny_checkpoint, files, tmp_path / "out", device="cpu")
-    assert [p.name for p in written] == [f"{f.stem}_gradcam.png" for f in files]
-    for p, f in zip(written, files):
+    assert [p.name for p in written] == [f"{f.stem}_gradcam.png" for f in shown]  # none for NORMAL (HEATMAP_RULE)
+    for p, f in zip(written, shown):
         with Image.open(p) as im, Image.open(f) as orig:
-            assert im.size == orig.size and im.mode == "RGB"
+            assert im.width == orig.width and im.height > orig.height and im.mode == "RGB"  # + the caption band
+            band = np.asarray(im)[orig.height:]
+            assert band.max() > 200 and (band[..., 0].astype(int) - band[..., 2]).max() > 100  # text, red legend end
     # the sub-command
-    args = build_parser().parse_args(["explain", "--checkpoint", str(tiny_checkpoint), str(files[0]), "--out",
+    args = build_parser().parse_args(["explain", "--checkpoint", str(tiny_checkpoint), str(shown[0]), "--out",
                               str(tmp_path / "cli"), "--device", "cpu"])
     assert args.func(args) == 0
-    assert (tmp_path / "cli" / f"{files[0].stem}_gradcam.png").stat().st_size > 0
+    assert (tmp_path / "cli" / f"{shown[0].stem}_gradcam.png").stat().st_size > 0

@@ -37,6 +37,8 @@ function reviewText(decision, reviewer) {
   return decision ? `${decision === "agree" ? "agreed" : "disagreed"} (${reviewer})` : "not reviewed";
 }
 
+const NOT_ASSESSED = "not assessed";
+
 async function showStudy(id, heatmapBase64 = null) {
   const s = await (await api(`/studies/${encodeURIComponent(id)}`)).json();
   blobUrls.forEach((u) => URL.revokeObjectURL(u));
@@ -44,19 +46,28 @@ async function showStudy(id, heatmapBase64 = null) {
   current = id;
   $("result").hidden = false;
   $("image").src = await blobUrl(s.image_url);
+  const p = s.prediction || {};
+  const assessed = p.label && p.label !== NOT_ASSESSED;
+  // a map only for a film labelled PNEUMONIA (the server's HEATMAP_RULE): never requested for the others
   const heat = $("heatmap");
-  heat.hidden = false;
-  if (heatmapBase64) {
-    heat.src = "data:image/png;base64," + heatmapBase64;
-  } else if ($("want-heatmap").checked || (s.prediction && s.prediction.has_heatmap)) {
-    try { heat.src = await blobUrl(s.heatmap_url); } catch (e) { heat.hidden = true; }
-  } else {
-    heat.hidden = true;
+  heat.hidden = true;
+  if (p.label === "PNEUMONIA") {
+    if (heatmapBase64) {
+      heat.src = "data:image/png;base64," + heatmapBase64;
+      heat.hidden = false;
+    } else if ($("want-heatmap").checked || p.has_heatmap) {
+      try { heat.src = await blobUrl(s.heatmap_url); heat.hidden = false; } catch (e) { heat.hidden = true; }
+    }
   }
   heat.style.opacity = $("opacity").value / 100;
-  const p = s.prediction || {};
-  $("label").textContent = p.label || "";
-  $("label").className = "label " + (p.label || "");
+  $("legend").hidden = heat.hidden;
+  $("heatmap-note").textContent = p.label === "NORMAL"
+    ? "No heatmap: maps are shown only for films labelled PNEUMONIA (on a normal film a map of evidence for pneumonia would read as a finding)."
+    : p.label === NOT_ASSESSED ? "No heatmap: the model did not assess this film." : "";
+  // the headline: the label; for a film the model did not assess, that and why, never a probability
+  $("label").textContent = assessed ? p.label : p.label ? "not assessed: the model cannot read this image (reasons below)" : "";
+  $("label").className = "label " + (assessed ? p.label : "not-assessed");
+  $("figures").hidden = !assessed;
   $("probability").textContent = fmt(p.probability);
   $("calibrated").textContent = p.calibrated_probability === null
     ? "– (not calibrated: the label uses the raw probability)" : fmt(p.calibrated_probability);
@@ -81,7 +92,8 @@ async function refreshList() {
     tr.dataset.id = s.id;
     const cells = [s.predicted ? s.predicted.replace("T", " ").slice(0, 19) : "–", s.filename || "–",
                    s.patient_id || "–", s.id.slice(0, 12) + "…", s.label || "–",
-                   fmt(s.calibrated_probability ?? s.probability), reviewText(s.review_decision, s.review_reviewer)];
+                   s.label === NOT_ASSESSED ? "not assessed" : fmt(s.calibrated_probability ?? s.probability),
+                   reviewText(s.review_decision, s.review_reviewer)];
     for (const c of cells) tr.appendChild(Object.assign(document.createElement("td"), { textContent: c }));
     tr.cells[1].className = "file-cell";
     tr.cells[2].className = "patient-cell";
