@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.bad_input.corpus import path_items, write_items
+from tests.bad_input.corpus import Item, path_items, write_items
 
 NO_INPUT = "no image or DICOM file found in"
 
@@ -103,9 +103,11 @@ def test_output_paths_checked_before_any_work(items, tmp_path):
     assert (tmp_path / "a_file").read_text() == "x"
 
 
-def test_explain_lists_failed_files_exits_3_and_writes_the_others(items, tmp_path):
-    files = write_items([items[0], next(i for i in items if i.name == "zero.jpeg")], tmp_path / "in")
-    same_stem = write_items([items[0]], tmp_path / "in2")  # another good.jpeg: its overlay must not overwrite
+def test_explain_lists_failed_files_exits_3_and_writes_the_others(items, chest_xray, tmp_path):
+    # a film the bundled model labels PNEUMONIA (maps are drawn only for those: inference.assess.HEATMAP_RULE)
+    film = Item("good.jpeg", (chest_xray / "train" / "PNEUMONIA" / "person1000_bacteria_2931.jpeg").read_bytes(), True)
+    files = write_items([film, next(i for i in items if i.name == "zero.jpeg")], tmp_path / "in")
+    same_stem = write_items([film], tmp_path / "in2")  # another good.jpeg: its overlay must not overwrite
     rc, _, err = cli("explain", *map(str, files + same_stem), "missing.png", "--out", "maps", "--device", "cpu",
                      cwd=tmp_path)
     assert rc == 3, err
