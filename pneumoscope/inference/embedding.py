@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.covariance import LedoitWolf
 from torch import nn
 
 from pneumoscope.inference.features import NAME, features
@@ -48,7 +47,7 @@ def embed(predictor, images_u8: np.ndarray) -> np.ndarray:
 
     handle = module.register_forward_pre_hook(hook)
     try:
-        predictor.logits(np.asarray(images_u8))
+        predictor.torch_logits(np.asarray(images_u8))  # the PyTorch pass, whatever the predictor's backend
     finally:
         handle.remove()
     return np.concatenate(feats).astype(np.float32)
@@ -75,6 +74,8 @@ class EmbeddingReference:
         a fit without it). In-sample distances are biased low, badly so when N is not much larger than D, and
         would flag most new in-distribution images; out-of-fold ones flag about 1 - quantile of them.
         """
+
+        from sklearn.covariance import LedoitWolf  # here: importing scikit-learn costs predict's start-up 1.3 s
 
         X = np.asarray(features, dtype=np.float64)
         if X.ndim != 2 or X.shape[0] < 2 * folds:

@@ -11,13 +11,20 @@ actualmed 95.5 %; the classifier's own pooled embedding flagged hannover 15 %, t
 """
 from __future__ import annotations
 
+import logging
+import os
 from functools import lru_cache
+from importlib.util import find_spec
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pneumoscope import __version__
+from pneumoscope.inference.runtime import onnx_cache_dir, quiet_exporter
 from pneumoscope.models.efficientnet import efficientnet_lite0_imagenet
+
+log = logging.getLogger(__name__)
 
 NAME = "imagenet-effnet-lite0-stats-128"
 SIZE = 128
@@ -39,11 +46,16 @@ class StatsFeatures(torch.nn.Module):
         self.eval().to(memory_format=torch.channels_last)  # ~15 % faster on the CPU (benchmarks/ood.py)
 
     @torch.no_grad()
-    def forward(self, u8: torch.Tensor) -> torch.Tensor:
+    def prepare(self, u8: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, S, S) -> the normalised 3-channel input at SIZE px (antialiased bilinear resize)."""
         x = u8.float().div(255).unsqueeze(1)
         if x.shape[-1] != SIZE or x.shape[-2] != SIZE:
             x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
-        x = ((x.expand(-1, 3, -1, -1) - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        return ((x.expand(-1, 3, -1, -1) - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def core(self, x: torch.Tensor) -> torch.Tensor:
+        """The prepared input -> (N, 624) channel means and standard deviations of ``BLOCKS``."""
         x = self.stem(x)
         stats = []
         for i, block in enumerate(self.blocks):
@@ -52,16 +64,68 @@ class StatsFeatures(torch.nn.Module):
                 stats += [x.mean((2, 3)), x.std((2, 3))]
         return torch.cat(stats, 1)
 
+    def forward(self, u8: torch.Tensor) -> torch.Tensor:
+        return self.core(self.prepare(u8))
+
+
+class Core(torch.nn.Module):
+    def __init__(self, net: StatsFeatures) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.core(x)
+
 
 @lru_cache(maxsize=1)
 def extractor() -> StatsFeatures:
     return StatsFeatures()
 
 
-def features(images_u8: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """(N, 624) float32 features of uint8 grey images (N, S, S)."""
+@lru_cache(maxsize=1)
+def runtime_session():
+    """ONNX Runtime session of ``StatsFeatures.core`` (exported once into the cache and checked against PyTorch
+    within 1e-4), or None without onnxruntime or when the check fails: then PyTorch computes the features."""
+    if find_spec("onnxruntime") is None:
+        return None
+    import onnxruntime as ort
+
+    path = onnx_cache_dir() / f"{NAME}-{__version__}.onnx"
     net = extractor()
+    example = net.prepare(torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE), dtype=np.uint8)))
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with quiet_exporter():
+                program = torch.onnx.export(Core(net).eval(), (example.contiguous(),), dynamo=True, opset_version=18,
+                                            input_names=["x"], output_names=["features"], verbose=False,
+                                            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
+                program.save(tmp, external_data=False)
+        except (RuntimeError, ValueError, TypeError, NotImplementedError, AssertionError, OSError) as e:
+            log.warning("out-of-distribution features stay on PyTorch (ONNX export failed: %s)", str(e)[:200])
+            return None
+        os.replace(tmp, path)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": example.contiguous().numpy()})[0]
+    if not np.abs(got - net.core(example).numpy()).max() <= 1e-4:
+        log.warning("out-of-distribution features stay on PyTorch (the ONNX copy disagrees)")
+        path.unlink(missing_ok=True)
+        return None
+    return session
+
+
+def features(images_u8: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """(N, 624) float32 features of uint8 grey images (N, S, S): ONNX Runtime when available, else PyTorch."""
+    net, session = extractor(), runtime_session()
     x = torch.from_numpy(np.ascontiguousarray(images_u8))
     if x.ndim == 4:
         x = x[:, 0]
-    return torch.cat([net(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).numpy().astype(np.float32)
+    out = []
+    for i in range(0, len(x), batch_size):
+        inp = net.prepare(x[i:i + batch_size])
+        out.append(torch.from_numpy(session.run(None, {"x": inp.contiguous().numpy()})[0]) if session is not None
+                   else net.core(inp))
+    return torch.cat(out).numpy().astype(np.float32)

@@ -29,6 +29,7 @@ from pneumoscope.data.folders import expand_paths
 from pneumoscope.data.images import load_uint8
 from pneumoscope.errors import CheckpointError
 from pneumoscope.inference.predictor import Predictor
+from pneumoscope.inference.runtime import onnx_cache_dir, quiet_exporter
 from pneumoscope.models.checkpoint import load_checkpoint, model_from_checkpoint
 from pneumoscope.models.preprocess import Preprocess
 
@@ -214,6 +215,35 @@ class OnnxBackend:
         out = [self.session.run([OUTPUT_NAME], {self.input_name: x[i:i + self.max_batch]})[0]
                for i in range(0, len(x), self.max_batch)]
         return out[0] if len(out) == 1 else np.concatenate(out)
+
+
+EXPORT_ERRORS = (RuntimeError, ValueError, TypeError, NotImplementedError, AssertionError, OSError)
+
+
+def cached_backend(model, preprocess, key: str, threads: int = 0, tolerance: float = 1e-4) -> OnnxBackend | None:
+    """An ONNX Runtime copy of ``model`` (a checkpoint's, ``key`` = its sha256): exported once into ``cache_dir()``
+    and checked then against PyTorch on a random batch (max |logit difference| <= ``tolerance``). None when the
+    model cannot be exported or does not agree: the caller keeps PyTorch (and says so)."""
+    path = onnx_cache_dir() / f"{key}-{__version__}.onnx"
+    if not path.is_file():
+        log.info("exporting the model to ONNX Runtime once (a few seconds; kept in %s)", path.parent)
+        try:
+            with quiet_exporter():
+                export_model(model, preprocess, path)
+        except EXPORT_ERRORS as e:
+            log.warning("ONNX export failed (%s: %s): predicting with PyTorch", type(e).__name__, str(e)[:200])
+            return None
+        s = preprocess.input_size
+        x = np.random.default_rng(0).integers(0, 256, (3, preprocess.channels, s, s), dtype=np.uint8)
+        with torch.no_grad():
+            ref = _wrap_uint8(copy.deepcopy(model).float().eval(), preprocess)(
+                torch.from_numpy(np.ascontiguousarray(preprocess.standardise(x)))).numpy()
+        diff = float(np.abs(OnnxBackend(path, threads).logits(x) - ref).max())
+        if not diff <= tolerance:
+            log.warning("the ONNX copy differs from PyTorch by %.2e > %.0e: predicting with PyTorch", diff, tolerance)
+            path.unlink(missing_ok=True)
+            return None
+    return OnnxBackend(path, threads)
 
 
 def load_onnx_predictor(onnx_path: str | Path, threads: int = 0):

@@ -21,7 +21,7 @@ from pneumoscope.data.images import (
     to_uint8,
 )
 from pneumoscope.data.quality import file_warnings, image_warnings
-from pneumoscope.errors import ImageReadError
+from pneumoscope.errors import CheckpointError, ImageReadError
 from pneumoscope.inference.adapt import adapt_batch, check_batch
 from pneumoscope.inference.assess import NOT_ASSESSED, Assessment, assess
 from pneumoscope.inference.embedding import EmbeddingReference, ReferenceSet, reference_features
@@ -82,8 +82,15 @@ class Predictor:
                 zip(quality, scores if scores is not None else [None] * len(quality))]
 
     def logits(self, batch_u8: np.ndarray) -> np.ndarray:
+        """Logits (N, K) of uint8 images (N, S, S): ONNX Runtime when the predictor has that backend, else PyTorch."""
         if self.backend is not None:
             return self.backend.logits(batch_u8)
+        return self.torch_logits(batch_u8)
+
+    def torch_logits(self, batch_u8: np.ndarray) -> np.ndarray:
+        """Logits through the PyTorch model itself (hooks on it see the pass: embeddings)."""
+        if self.model is None:
+            raise CheckpointError(f"{self.info.get('checkpoint')} is an ONNX model: this needs the PyTorch checkpoint")
         x = torch.from_numpy(np.ascontiguousarray(self.preprocess.standardise(np.asarray(batch_u8)))).unsqueeze(1)
         return predict_logits(self.model, x, self.preprocess, self.device, self.amp)
 

@@ -3,7 +3,11 @@ normalisation, batched logits and the logits -> probability formula. Training, p
 explanations and the service all use these, so they cannot drift apart."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,6 +15,27 @@ import torch
 from pneumoscope.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def onnx_cache_dir() -> Path:
+    """Where models exported for ONNX Runtime are kept: ``$PNEUMOSCOPE_CACHE/onnx`` or ``~/.cache/pneumoscope/onnx``."""
+    return Path(os.environ.get("PNEUMOSCOPE_CACHE") or Path.home() / ".cache" / "pneumoscope") / "onnx"
+
+
+@contextlib.contextmanager
+def quiet_exporter():
+    """The ONNX exporter's own lines (graph passes, initializer names, missing torchvision) kept out of the log."""
+    names = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
 
 
 def pick_device(name: str = "auto") -> torch.device:

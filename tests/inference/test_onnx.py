@@ -147,3 +147,39 @@ def test_bad_files_raise_checkpoint_error(tmp_path, exported):
         OnnxBackend(bad)
     with pytest.raises(ValueError, match="expected"):
         OnnxBackend(exported[1]).logits(np.zeros((2, 32, 32), np.uint8))
+
+
+def test_load_predicts_with_onnx_runtime_that_agrees_with_pytorch(tiny_checkpoint, chest_xray, tmp_path, monkeypatch):
+    """The default CPU backend (issue 27): exported once per checkpoint into the cache, then reused; logits within
+    1e-4 of PyTorch on real films; one image alone and the same image inside a batch agree within 1e-5."""
+    import time
+
+    import numpy as np
+
+    from pneumoscope.data.images import load_uint8
+    from pneumoscope.inference import features as F
+    from pneumoscope.inference.loader import load
+
+    monkeypatch.setenv("PNEUMOSCOPE_CACHE", str(tmp_path / "cache"))
+    fast = load(tiny_checkpoint, device="cpu")
+    assert fast.info["backend"] == "onnxruntime" and fast.backend is not None
+    assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 1
+    t0 = time.perf_counter()
+    again = load(tiny_checkpoint, device="cpu")  # from the cache: no second export
+    assert again.backend.path == fast.backend.path and time.perf_counter() - t0 < 5
+    slow = load(tiny_checkpoint, device="cpu", backend="torch")
+    assert slow.backend is None and slow.info["backend"] == "pytorch"
+    files = sorted((chest_xray / "train" / "PNEUMONIA").glob("*.jpeg"))[:9]
+    u8 = np.stack([load_uint8(f, fast.preprocess.input_size) for f in files])
+    np.testing.assert_allclose(fast.logits(u8), slow.logits(u8), atol=1e-4)
+    batched = [r["probability"] for r in fast.predict(files)]
+    alone = [fast.predict([f])[0]["probability"] for f in files]
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    with pytest.raises(Exception, match="backend='gpu' is invalid"):
+        load(tiny_checkpoint, backend="gpu")
+    # the out-of-distribution features: ONNX Runtime and PyTorch agree
+    big = np.stack([load_uint8(f, 224) for f in files])
+    ort = F.features(big)
+    net = F.extractor()
+    torch_feats = net.core(net.prepare(torch.from_numpy(big))).numpy()
+    np.testing.assert_allclose(ort, torch_feats, atol=1e-4, rtol=1e-4)
