@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscope.data.cache import decode_all
-from pneumoscope.data.images import load_uint8
+from pneumoscope.data.intake import load_uint8
 from pneumoscope.studies.bench import describe, device_description
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray"

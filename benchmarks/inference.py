@@ -9,6 +9,7 @@ throughput >= 500 images/s.
 
     python benchmarks/inference.py                    # both models, 1 thread and all threads
     python benchmarks/inference.py --models seed_cnn:150 --iters 200 --json out.json
+    python benchmarks/inference.py --pipeline FOLDER          # predict end to end vs a bare decode + ONNX loop
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumoscope.data.images import load_uint8
+from pneumoscope.data.intake import load_uint8
 from pneumoscope.inference.onnx import OnnxBackend, calibration_images, export_model, quantize_onnx
 from pneumoscope.inference.predictor import Predictor
 from pneumoscope.models.registry import create_model
@@ -72,6 +73,39 @@ def throughput(logits, batch_u8: np.ndarray, seconds: float) -> tuple[float, flo
     return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
 
+def pipeline_vs_bare(folder: Path, n: int) -> dict:
+    """Issue 27's comparison, in one run on the same files: ``pneumoscope predict FOLDER`` end to end (a new
+    process: start-up, model load, decode, quality, OOD, model, CSV) and in-process ``Predictor.predict``, against a
+    bare loop of Pillow decode + resize (``load_uint8``) + ONNX Runtime logits of the exported bundled model."""
+    import subprocess
+    import sys
+
+    from pneumoscope.inference.loader import load
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png", ".dcm"))[:n]
+    with tempfile.TemporaryDirectory() as tmp:
+        links = Path(tmp) / "films"
+        links.mkdir()
+        for i, f in enumerate(files):
+            (links / f"{i:05d}_{f.name}").symlink_to(f.resolve())
+        pred = load(None, device="cpu")  # ONNX Runtime copy made (and cached) before anything is timed
+        pred.predict(files[:8])
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pneumoscope", "predict", str(links), "-o", str(Path(tmp) / "p.csv")],
+                       check=True, capture_output=True)
+        cli = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pred.predict(files)
+    inproc = time.perf_counter() - t0
+    backend = pred.backend
+    t0 = time.perf_counter()
+    for f in files:
+        backend.logits(load_uint8(f, pred.preprocess.input_size)[None])
+    bare = time.perf_counter() - t0
+    return {"files": len(files), "cli_s": cli, "in_process_s": inproc, "bare_s": bare,
+            "cli_vs_bare": cli / bare, "in_process_vs_bare": inproc / bare}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -82,7 +116,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=3.0, help="duration of each throughput measurement")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--pipeline", type=Path, metavar="DIR",
+                    help="only issue 27's comparison: predict on the films of DIR end to end vs a bare decode + ONNX "
+                         "Runtime loop, same run (e.g. a 624-film folder)")
+    ap.add_argument("--n", type=int, default=624, help="films of --pipeline DIR (default 624)")
     args = ap.parse_args(argv)
+    if args.pipeline:
+        r = pipeline_vs_bare(args.pipeline, args.n)
+        print(f"Device: {describe(device_description())}\n\n| path | {r['files']} films | images/s | vs bare |\n"
+              f"| --- | ---: | ---: | ---: |\n"
+              f"| `pneumoscope predict DIR` (new process) | {r['cli_s']:.1f} s | {r['files'] / r['cli_s']:.0f} | "
+              f"{r['cli_vs_bare']:.2f}x |\n"
+              f"| `Predictor.predict(files)` (in process) | {r['in_process_s']:.1f} s | "
+              f"{r['files'] / r['in_process_s']:.0f} | {r['in_process_vs_bare']:.2f}x |\n"
+              f"| bare loop: Pillow decode + resize + ONNX Runtime | {r['bare_s']:.1f} s | "
+              f"{r['files'] / r['bare_s']:.0f} | 1.00x |")
+        if args.json:
+            args.json.write_text(json.dumps({"device": device_description(), **r}, indent=2))
+        return 0
     paths = sorted((args.data / "train" / "NORMAL").glob("*.jpeg"))[:100] + \
         sorted((args.data / "train" / "PNEUMONIA").glob("*.jpeg"))[:100]
     thread_counts = sorted({int(t) for t in args.threads.split(",")})

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscope.data.digest import cached_digest
-from pneumoscope.data.images import load_uint8
+from pneumoscope.data.intake import load_uint8
 from pneumoscope.errors import ImageReadError
 from pneumoscope.progress import bar as progress_bar
 

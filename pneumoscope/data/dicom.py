@@ -57,9 +57,10 @@ _PYDICOM_ERRORS = (OSError, ValueError, EOFError, struct.error, KeyError, IndexE
 
 
 def read_dicom(
-    source: str | Path | bytes, name: str | None = None, max_pixels: int | None = None
+    source, name: str | None = None, max_pixels: int | None = None
 ) -> tuple[np.ndarray, dict]:
-    """Read a DICOM radiograph (path or bytes) as a float32 HxW image in [0, 1] and its metadata.
+    """Read a DICOM radiograph (a path, bytes, or a parsed ``pydicom.Dataset``) as a float32 HxW image in [0, 1]
+    and its metadata.
 
     meta: ``format="DICOM"``, ``patient_id``, ``study_uid``, ``modality``, ``manufacturer``, ``device_model``,
     ``body_part``, ``view_position``, ``photometric``, ``bits_stored``, ``original_size`` (h, w), ``bit_depth``
@@ -93,7 +94,11 @@ def read_dicom(
     return img, meta
 
 
-def _read_dataset(source: str | Path | bytes, name: str):
+def _read_dataset(source, name: str):
+    if isinstance(source, pydicom.Dataset):  # already parsed (the DICOM listener): never encoded and parsed again
+        if "TransferSyntaxUID" not in getattr(source, "file_meta", {}):
+            raise DicomError(f"{name}: a received dataset without its transfer syntax; the sender must negotiate one")
+        return source
     if isinstance(source, (bytes, bytearray)):
         if len(source) == 0:
             raise DicomError(f"{name}: empty file (0 bytes)")

@@ -7,7 +7,7 @@ Two paths:
 
 - ``read_image`` / ``read_image_bytes``: exact, full resolution, every bit kept (16-bit PNGs are scaled by /65535,
   never through 8 bits). DICOM goes to ``dicom.read_dicom``.
-- ``load_uint8``: the fast path that decodes whole datasets to uint8 ``size``x``size`` squares.
+- the model's input, decoded once with everything else derived from it: ``data/intake.py``.
 """
 from __future__ import annotations
 
@@ -208,47 +208,11 @@ def resize_uint8(arr_u8: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(im.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
-def load_uint8(path: str | Path, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Decode ``path`` to a uint8 ``size``x``size`` grey image, fast (aspect not kept; Pillow bilinear).
-
-    JPEGs are decoded by libjpeg straight to grey (its Y channel) and, when at least 4x larger than ``size``, at
-    a reduced DCT scale (``Image.draft``: 1/2, 1/4 or 1/8, never below 2 * ``size``, so that the bilinear resize
-    still does the final smoothing) before the bilinear resize. Without scale reduction this equals
-    ``resize_uint8(to_uint8(read_image(path)[0]), size)`` within +-2 grey levels (libjpeg's Y vs. Pillow's luma
-    of the decoded RGB); with it, the DCT downscaling smooths a little differently: on the shared 224 px JPEGs
-    at ``size`` 28 (1/4 scale) up to ~9 grey levels at sharp edges, 0.7 on average. About 4x faster than the
-    full decode on 2400x2000 JPEGs. Other inputs (PNG, DICOM) go through ``read_image``.
-    """
-    path = Path(path)
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {size}")
-    if not is_dicom_file(path):
-        with open(path, "rb") as f:
-            im = _open_pil(f, str(path), max_pixels)
-            if im.format in ("JPEG", "MPO"):
-                return _load_jpeg_uint8(im, str(path), size)
-            im.close()
-    return resize_uint8(to_uint8(read_image(path, max_pixels=max_pixels)[0]), size)
-
-
-def load_jpeg_bytes_uint8(data: bytes, name: str, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray | None:
-    """``load_uint8``'s JPEG path on bytes (e.g. an upload): the same pixels as from the file; None if not a JPEG."""
-
-    im = _open_pil(io.BytesIO(data), name, max_pixels)
-    if im.format in ("JPEG", "MPO"):
-        return _load_jpeg_uint8(im, name, size)
-    im.close()
-    return None
-
-
-def _load_jpeg_uint8(src, name: str, size: int) -> np.ndarray:
-    try:
-        src.draft("L", (2 * size, 2 * size))
-        im = ImageOps.exif_transpose(src)
-        return np.asarray(im.convert("L").resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
-    except _PIL_ERRORS as e:
-        raise ImageReadError(
-            f"{name}: cannot decode the JPEG pixels ({type(e).__name__}: {e}); the file is truncated or corrupt"
-        ) from e
-    finally:
-        src.close()
+def fit(u8: np.ndarray, side: int) -> np.ndarray:
+    """Downscale (area filter) so the longest side is at most ``side``; aspect kept."""
+    h, w = u8.shape
+    if max(h, w) <= side:
+        return u8
+    s = side / max(h, w)
+    im = Image.fromarray(u8, mode="L").resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BOX)
+    return np.asarray(im, dtype=np.uint8)

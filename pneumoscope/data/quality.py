@@ -4,20 +4,10 @@ images (at 64 x 64), of which about 0.5 % get any flag. A flag is a reason to lo
 """
 from __future__ import annotations
 
-import io
-from pathlib import Path
-
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from pneumoscope.data.images import (
-    PIL_ERRORS,
-    is_dicom_file,
-    is_dicom_path,
-    read_image,
-    read_image_bytes,
-)
-from pneumoscope.errors import ImageReadError, IntensityRangeError
+from pneumoscope.errors import IntensityRangeError
 
 # Thresholds of image_warnings (intensities in [0, 1], statistics of a 64 x 64 bilinear thumbnail). Shared
 # training images (n=5216): mean 0.24-0.87 (0.5-99.5 % range 0.29-0.67), black fraction <= 0.36, white fraction
@@ -90,7 +80,7 @@ def image_warnings(image: np.ndarray, meta: dict | None = None, min_side: int | 
     """Model-free flags of one image: an empty list when nothing looks unusual.
 
     ``image``: grey uint8/uint16/float [0, 1] HxW, or an RGB(A) HxWx3(4) array (only then can colour be
-    detected: ``read_image`` already converts to grey; ``file_warnings`` keeps the colour). ``meta``: the dict of
+    detected: ``read_image`` already converts to grey; the intake (data/intake.py) keeps the colour). ``meta``: the dict of
     ``read_image``; its ``original_size`` is used for the size check, otherwise the array's own shape (so pass
     the original, not the model-size thumbnail). ``min_side`` defaults to ``LIMITS["min_side"]``.
     """
@@ -124,36 +114,3 @@ def image_warnings(image: np.ndarray, meta: dict | None = None, min_side: int | 
     if min(size[:2]) < limit:
         out.append(f"small original ({size[0]}x{size[1]} px, short side < {limit}): fine detail is lost")
     return out
-
-
-def file_warnings(path: str | Path, min_side: int | None = None) -> list[str]:
-    """``image_warnings`` of a file, colour kept for JPEG/PNG; DICOM through ``read_image`` (its warnings added)."""
-    path = Path(path)
-    if is_dicom_file(path):
-        img, meta = read_image(path)
-        return list(meta.get("warnings", [])) + image_warnings(img, meta, min_side)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ImageReadError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
-    return bytes_warnings(data, str(path), min_side)
-
-
-def bytes_warnings(data: bytes, name: str, min_side: int | None = None) -> list[str]:
-    """``file_warnings`` of a file's bytes (an upload): the same checks, so a file and its upload get the same flags."""
-    if is_dicom_path(name) or data[128:132] == b"DICM":
-        img, meta = read_image_bytes(data, name)
-        return list(meta.get("warnings", [])) + image_warnings(img, meta, min_side)
-    try:
-        with Image.open(io.BytesIO(data)) as src:
-            orientation = src.getexif().get(0x0112, 1)
-            read = [f"EXIF orientation {orientation} applied"] if orientation not in (1, None) else []
-            if "A" in src.mode or "transparency" in src.info:  # the same words as images.read_image's meta
-                read.append(f"alpha channel of the {src.mode} image dropped")
-            im = ImageOps.exif_transpose(src)
-            arr = np.asarray(im.convert("RGB") if im.mode not in ("L", "I;16", "I;16B", "I;16L", "I") else im)
-    except PIL_ERRORS as e:
-        raise ImageReadError(f"{name}: cannot decode ({type(e).__name__}: {e})") from e
-    if arr.dtype not in (np.uint8, np.uint16):
-        arr = np.clip(arr, 0, 65535).astype(np.uint16)
-    return read + image_warnings(arr, None, min_side)

@@ -2,7 +2,8 @@
 
 C-ECHO, and C-STORE of CR, DX (for presentation / processing) and Secondary Capture images in the usual transfer
 syntaxes. Each received dataset is decoded, predicted and recorded exactly as an upload to the HTTP service
-(``serve.uploads.decode_upload``, the same ``Predictor``, the same study database: one study per image checksum);
+(``data.intake.from_dataset``: the parsed dataset, decoded once; the same ``Predictor``, the same study database:
+one study per image);
 with ``forward`` the SR and the Grad-CAM Secondary Capture (results.py) are C-STOREd to a remote AE through an
 on-disk outbox (outbox.py: kept and retried while the target is down).
 
@@ -13,14 +14,13 @@ with a failure status (0xC000 "cannot understand"); the listener keeps running.
 """
 from __future__ import annotations
 
-import io
+import hashlib
 import logging
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import HTTPException
 from pydicom.uid import (
     JPEG2000,
     ExplicitVRBigEndian,
@@ -49,7 +49,8 @@ from pneumoscope.inference.assess import heatmap_shown
 from pneumoscope.inference.loader import load
 from pneumoscope.inference.predictor import Predictor
 from pneumoscope.serve.db import ModelRecord, StudyDB
-from pneumoscope.serve.uploads import decode_upload, heatmap_overlay, prediction_record
+from pneumoscope.data.intake import from_dataset
+from pneumoscope.serve.uploads import heatmap_overlay, prediction_record, upload_of
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,18 @@ class Remote:
         return cls(aet, host, int(port))
 
 
+PIXEL_KEYS = ("SOPInstanceUID", "Rows", "Columns", "BitsStored", "PhotometricInterpretation", "RescaleSlope",
+              "RescaleIntercept", "WindowCenter", "WindowWidth", "PixelRepresentation")
+
+
+def _pixel_digest(ds) -> str:
+    """The study key of a received instance: sha256 of its pixel data and the attributes that say how to read it
+    (the same image sent twice is one study; the dataset is not encoded again to hash its file)."""
+    h = hashlib.sha256("|".join(str(ds.get(k, "")) for k in PIXEL_KEYS).encode())
+    h.update(bytes(ds.get("PixelData", b"") or b""))
+    return h.hexdigest()
+
+
 class Pipeline:
     """Decode, predict, record one received dataset; build its SR and Secondary Capture (listen and sync).
     ``checkpoint``: a path, None for the bundled model, or a loaded ``Predictor``."""
@@ -97,12 +110,11 @@ class Pipeline:
         return model_identity(self.predictor.info)
 
     def process(self, ds, sop_uid: str, source: str) -> list:
-        """The SR (and Secondary Capture) of ``ds``, after its prediction is stored. Raises HTTPException (the
-        upload's refusal: not a radiograph, no pixel data, malformed) or ImageReadError."""
+        """The SR (and Secondary Capture) of ``ds``, after its prediction is stored. Raises ImageReadError (not a
+        radiograph, no pixel data, malformed)."""
         t0 = time.perf_counter()
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        u = decode_upload(buf.getvalue(), f"{sop_uid}.dcm", "application/dicom", self.predictor.preprocess.input_size)
+        u = upload_of(from_dataset(ds, f"{sop_uid}.dcm", self.predictor.preprocess.input_size),
+                      _pixel_digest(ds), None)  # the parsed dataset, decoded once (data/intake.py)
         with self._lock:
             r = self.predictor.predict([u.model_u8], quality=[u.quality])[0]
             if "error" in r:
@@ -179,9 +191,6 @@ class Listener:
             return CANNOT_UNDERSTAND
         try:
             out = self.pipeline.process(ds, sop_uid, calling)
-        except HTTPException as e:
-            log.warning("refused %s from %s: %s", sop_uid, calling, e.detail)
-            return CANNOT_UNDERSTAND
         except ImageReadError as e:
             log.warning("refused %s from %s: %s", sop_uid, calling, e)
             return CANNOT_UNDERSTAND

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 
 from dicomweb_client.api import DICOMwebClient
-from fastapi import HTTPException
 from pydicom.dataset import Dataset
 
 from pneumoscope.dicom.listen import Pipeline
@@ -82,9 +81,9 @@ def sync(pipeline: Pipeline, url: str, since: str | None = None) -> dict:
                 try:
                     out += pipeline.process(ds, sop_uid, url)
                     done["predicted"] += 1
-                except (HTTPException, ImageReadError) as e:
+                except ImageReadError as e:
                     done["refused"] += 1
-                    log.warning("refused %s: %s", sop_uid, getattr(e, "detail", e))
+                    log.warning("refused %s: %s", sop_uid, e)
         if out:
             client.store_instances(out, study_uid)
             done["stored"] += len(out)

@@ -26,7 +26,7 @@ import torch
 from pneumoscope import __version__
 from pneumoscope.data.digest import file_digest
 from pneumoscope.data.folders import expand_paths
-from pneumoscope.data.images import load_uint8
+from pneumoscope.data.intake import load_uint8
 from pneumoscope.errors import CheckpointError
 from pneumoscope.inference.predictor import Predictor
 from pneumoscope.inference.runtime import onnx_cache_dir, quiet_exporter

@@ -4,6 +4,7 @@ Build one with ``inference.loader.load(checkpoint)``."""
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,16 +12,8 @@ import numpy as np
 import torch
 
 from pneumoscope.data.folders import patient_id_from_name
-from pneumoscope.data.images import (
-    check_intensity,
-    is_dicom_path,
-    load_uint8,
-    os_error_message,
-    read_image,
-    resize_uint8,
-    to_uint8,
-)
-from pneumoscope.data.quality import file_warnings, image_warnings
+from pneumoscope.data.images import os_error_message
+from pneumoscope.data.intake import Intake, from_array, from_array_u8, from_path
 from pneumoscope.errors import CheckpointError, ImageReadError
 from pneumoscope.inference.adapt import adapt_batch, check_batch
 from pneumoscope.inference.assess import NOT_ASSESSED, Assessment, assess
@@ -29,6 +22,8 @@ from pneumoscope.inference.runtime import pneumonia_score, predict_logits, softm
 from pneumoscope.models.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
+
+DECODE_THREADS = 2  # files decoded in parallel by predict (the development CPU has 2 cores)
 
 
 @dataclass
@@ -45,27 +40,18 @@ class Predictor:
     backend: object | None = None  # e.g. inference.onnx.OnnxBackend: .logits(batch_u8) -> np.ndarray
     ood_reference: EmbeddingReference | ReferenceSet | None = None  # shipped in the checkpoint, if any
 
-    # -- preprocessing: the same uint8 resize as training's decode
-    def prepare(self, item) -> tuple[np.ndarray, dict]:
-        """A path, or a float image in [0, 1] / uint8 array -> (uint8 SxS, meta)."""
+    # -- the one intake (data/intake.py): decoded once, exactly as training decoded it
+    def intake(self, item, quality: bool = True) -> Intake:
+        """A path, or a float image in [0, 1] / uint8 array -> ``Intake`` (model input, quality flags, metadata)."""
         size = self.preprocess.input_size
         if isinstance(item, (str, Path)):
-            p = Path(item)
-            meta: dict = {}
-            if is_dicom_path(p):
-                img, meta = read_image(p)
-                return resize_uint8(to_uint8(img), size), meta
-            return load_uint8(p, size), meta
-        arr = np.asarray(item)
-        if arr.dtype == np.uint8:
-            return resize_uint8(arr, size), {}
-        return resize_uint8(to_uint8(check_intensity(arr)), size), {}
+            return from_path(item, size, quality=quality)
+        return from_array(item, size) if quality else Intake("array", "ARRAY", from_array_u8(item, size), item, [], {})
 
-    def input_warnings(self, item, u8: np.ndarray, meta: dict) -> list[str]:
-        """Model-free quality / out-of-distribution flags (blank, photo-like colour, exposure, polarity...)."""
-        if isinstance(item, (str, Path)):  # the original file (colour, full resolution), as the service's upload
-            return file_warnings(item)
-        return list(meta.get("warnings", [])) + image_warnings(np.asarray(item), meta)
+    def prepare(self, item) -> tuple[np.ndarray, dict]:
+        """(uint8 SxS model input, metadata) of a path or an array (``intake`` without the quality flags)."""
+        it = self.intake(item, quality=False)
+        return it.model_u8, it.meta
 
     def ood_scores(self, batch_u8: np.ndarray) -> np.ndarray | None:
         """Out-of-distribution score per image (distance to the training images / the reference's threshold:
@@ -100,29 +86,38 @@ class Predictor:
         with ``not_assessed_reason`` when the model cannot assess the image: inference/assess.py), ``warnings``,
         ``ood_score`` and ``out_of_distribution``; or an error.
 
-        ``quality``: the model-free flags of each item when the caller computed them from the original (the service:
-        ``data.quality.bytes_warnings`` of the upload, as ``file_warnings`` of the same file here).
+        ``quality``: the model-free flags of each item when the caller has them from its intake (the service: the
+        upload's ``data.intake.Intake.quality``, the same as this intake computes for the same file).
         ``adapt`` ("prior"; opt-in, inference/adapt.py): the readable inputs, at least ``adapt.MIN_BATCH``, are one
         batch from a new site; each result then also holds ``adapted_probability`` and its label comes from it (and says so)."""
         if isinstance(items, (str, Path, np.ndarray)):
             items = [items]
+        known = quality if quality is not None else [None] * len(items)
+
+        def read(i: int):
+            try:
+                return self.intake(items[i], quality=known[i] is None)
+            except (ImageReadError, OSError) as e:  # OSError: missing, unreadable, a link loop, ...
+                return e
+
         results: list[dict] = []
         ready: list[tuple[int, np.ndarray]] = []
-        for i, item in enumerate(items):
+        paths = sum(isinstance(x, (str, Path)) for x in items)
+        with ThreadPoolExecutor(max_workers=DECODE_THREADS if paths > 1 else 1) as pool:  # Pillow frees the GIL
+            decoded = list(pool.map(read, range(len(items))))
+        for i, (item, it) in enumerate(zip(items, decoded)):
             name = str(item) if isinstance(item, (str, Path)) else f"array[{i}]"
             r: dict = {"path": name}
             if isinstance(item, (str, Path)):
                 r["patient_id"] = patient_id_from_name(Path(item).name)
-            try:
-                u8, meta = self.prepare(item)
-                if meta.get("patient_id"):
-                    r["patient_id"] = meta["patient_id"]
-                known = quality[i] if quality is not None else None
-                r["warnings"] = list(known) if known is not None else self.input_warnings(item, u8, meta)
-                ready.append((i, u8))
-            except (ImageReadError, OSError) as e:  # OSError: missing, unreadable, a link loop, ...
-                r["error"] = os_error_message(name, e) if isinstance(e, OSError) else str(e)
+            if isinstance(it, Exception):
+                r["error"] = os_error_message(name, it) if isinstance(it, OSError) else str(it)
                 log.warning("cannot read %s", r["error"])
+            else:
+                if it.meta.get("patient_id"):
+                    r["patient_id"] = it.meta["patient_id"]
+                r["warnings"] = list(known[i]) if known[i] is not None else list(it.quality)
+                ready.append((i, it.model_u8))
             results.append(r)
         if adapt:
             check_batch(len(ready))  # before any model work

@@ -1,5 +1,6 @@
-"""Uploaded files: what they are (sniffed from the bytes), decoded exactly as training decoded them, the copies
-the viewer and the database keep, the heatmap overlay, pseudonyms. Errors are HTTP errors naming the file."""
+"""Uploaded files: what they are (sniffed from the bytes), decoded once by the one intake (data/intake.py: exactly
+as training decoded them), the copies the viewer and the database keep, the heatmap overlay, pseudonyms. Errors
+are HTTP errors naming the file."""
 from __future__ import annotations
 
 import hashlib
@@ -12,23 +13,15 @@ import numpy as np
 from fastapi import HTTPException
 from PIL import Image
 
-from pneumoscope.data.images import (
-    DICOM_EXTENSIONS,
-    MAX_IMAGE_PIXELS,
-    is_dicom_path,
-    load_jpeg_bytes_uint8,
-    read_image_bytes,
-    resize_uint8,
-    to_uint8,
-)
-from pneumoscope.data.quality import bytes_warnings
+from pneumoscope.data.images import DICOM_EXTENSIONS, MAX_IMAGE_PIXELS, fit, is_dicom_path
+from pneumoscope.data.intake import WORKING, Intake, from_bytes
 from pneumoscope.errors import ImageReadError, ImageTooLargeError
 from pneumoscope.serve.db import PredictionRecord, StudyRecord
 from pneumoscope.serve.problems import validation_problem
 from pneumoscope.trust.explain import overlay_png
 
 MAX_PIXELS = MAX_IMAGE_PIXELS  # the project's one limit (data/images.py); above: decompression bomb, 422
-VIEW_SIDE = 1024             # longest side of the viewer copy stored in the database
+VIEW_SIDE = WORKING          # longest side of the viewer copy stored in the database (the intake's working size)
 HEATMAP_SIDE = 512           # longest side of the heatmap overlay
 HEATMAP_ALPHA = 0.4
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]")
@@ -59,28 +52,6 @@ def _png(u8: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def fit(u8: np.ndarray, side: int) -> np.ndarray:
-    """Downscale (area filter) so the longest side is at most ``side``; aspect kept."""
-
-    h, w = u8.shape
-    if max(h, w) <= side:
-        return u8
-    s = side / max(h, w)
-    im = Image.fromarray(u8, mode="L").resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BOX)
-    return np.asarray(im, dtype=np.uint8)
-
-
-def _model_input(data: bytes, name: str, fmt: str, full_u8: np.ndarray, size: int) -> np.ndarray:
-    """The model's uint8 SxS input, decoded exactly as training decoded it (``images.load_uint8``: JPEGs by
-    libjpeg's reduced-DCT grey path, everything else by the exact read then a bilinear resize)."""
-
-    if fmt == "JPEG":
-        u8 = load_jpeg_bytes_uint8(data, name, size, MAX_PIXELS)
-        if u8 is not None:
-            return u8
-    return resize_uint8(full_u8, size)
-
-
 @dataclass
 class Upload:
     """One decoded upload: its study record, the viewer copy and the model's input."""
@@ -89,7 +60,7 @@ class Upload:
     study: StudyRecord
     view_u8: np.ndarray  # the viewer copy (longest side <= VIEW_SIDE), stored as study.image_png
     model_u8: np.ndarray  # the model's S x S input
-    quality: list[str]  # model-free flags of the original (data.quality.bytes_warnings: as `predict` on the file)
+    quality: list[str]  # model-free flags of the original (the intake's: the same as `predict` on the file)
 
 
 def decode_upload(data: bytes, filename: str | None, content_type: str | None, size: int) -> Upload:
@@ -106,23 +77,23 @@ def decode_upload(data: bytes, filename: str | None, content_type: str | None, s
     if fmt == "DICOM" and not is_dicom_path(name):
         name += DICOM_EXTENSIONS[0]  # read_image_bytes picks its DICOM reader by the 'DICM' preamble or the name
     try:
-        img, meta = read_image_bytes(data, name, max_pixels=MAX_PIXELS)
-        full = to_uint8(img)
-        del img
-        model_u8 = _model_input(data, name, fmt, full, size)
-        quality = bytes_warnings(data, name)
+        it = from_bytes(data, name, size, max_pixels=MAX_PIXELS)  # decoded once (data/intake.py)
     except ImageTooLargeError as e:
         raise HTTPException(422, f"image too large, refused as a possible decompression bomb: {e}") from e
     except ImageReadError as e:  # corrupt JPEG/PNG, malformed DICOM, not a radiograph, ...
         raise HTTPException(422, str(e)) from e
-    h, w = full.shape
-    view = fit(full, VIEW_SIDE)
-    study = StudyRecord(sha256=hashlib.sha256(data).hexdigest(), format=meta["format"], width=w, height=h,
-                        image_png=_png(view), warnings=list(meta.get("warnings", [])),
-                        patient_id=meta.get("patient_id"), study_uid=meta.get("study_uid"),
-                        modality=meta.get("modality"), manufacturer=meta.get("manufacturer"),
-                        device_model=meta.get("device_model"), filename=shown)
-    return Upload(name=name, study=study, view_u8=view, model_u8=model_u8, quality=quality)
+    return upload_of(it, hashlib.sha256(data).hexdigest(), shown)
+
+
+def upload_of(it: Intake, sha256: str, shown: str | None) -> Upload:
+    """The study record, viewer copy and model input of one intake (an upload, or a dataset the DICOM node got)."""
+    meta = it.meta
+    h, w = meta.get("original_size") or it.view_u8.shape
+    study = StudyRecord(sha256=sha256, format=it.format, width=int(w), height=int(h), image_png=_png(it.view_u8),
+                        warnings=list(meta.get("warnings", [])), patient_id=meta.get("patient_id"),
+                        study_uid=meta.get("study_uid"), modality=meta.get("modality"),
+                        manufacturer=meta.get("manufacturer"), device_model=meta.get("device_model"), filename=shown)
+    return Upload(name=it.name, study=study, view_u8=it.view_u8, model_u8=it.model_u8, quality=it.quality)
 
 
 def prediction_record(u: Upload, r: dict, latency_ms: float, png: bytes | None,

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from pneumoscope.data.cache import decode_all
-from pneumoscope.data.images import load_uint8
+from pneumoscope.data.intake import load_uint8
 from pneumoscope.data.summary import summarize
 
 

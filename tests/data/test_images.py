@@ -13,12 +13,12 @@ from pneumoscope.data.images import (
     MAX_IMAGE_PIXELS,
     check_intensity,
     is_dicom_file,
-    load_uint8,
     read_image,
     read_image_bytes,
     resize_uint8,
     to_uint8,
 )
+from pneumoscope.data.intake import load_uint8
 from pneumoscope.errors import ImageReadError, ImageTooLargeError, IntensityRangeError
 
 REAL_JPEG = Path("chest_xray/train/NORMAL/IM-0115-0001.jpeg")
@@ -228,15 +228,18 @@ def test_read_image_bytes_needs_no_filesystem(shared_data, monkeypatch):
     assert img.shape == (224, 224) and meta["format"] == "JPEG"
 
 
-def test_jpeg_bytes_decode_equals_file_decode(chest_xray, tmp_path):
-    """The service decodes uploads from bytes; the pixels must equal training's decode of the same file."""
-    from pneumoscope.data.images import load_jpeg_bytes_uint8, load_uint8
+def test_bytes_decode_equals_file_decode(chest_xray, tmp_path):
+    """The service decodes uploads from bytes; the pixels and flags must equal training's decode of the same file."""
+    from PIL import Image
+
+    from pneumoscope.data.intake import from_bytes, from_path, load_uint8
 
     f = sorted((chest_xray / "train" / "PNEUMONIA").glob("*.jpeg"))[0]
     for size in (64, 150):
-        assert np.array_equal(load_jpeg_bytes_uint8(f.read_bytes(), f.name, size), load_uint8(f, size))
-    from PIL import Image
-
+        assert np.array_equal(from_bytes(f.read_bytes(), f.name, size).model_u8, load_uint8(f, size))
     png = tmp_path / "x.png"
     Image.fromarray(load_uint8(f, 64)).save(png)
-    assert load_jpeg_bytes_uint8(png.read_bytes(), png.name, 64) is None  # not a JPEG: the caller reads it exactly
+    a, b = from_bytes(png.read_bytes(), png.name, 32), from_path(png, 32)
+    assert np.array_equal(a.model_u8, b.model_u8) and a.quality == b.quality and a.format == "PNG"
+
+

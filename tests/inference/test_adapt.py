@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pneumoscope.cli import main
-from pneumoscope.data.images import load_uint8
+from pneumoscope.data.intake import load_uint8
 from pneumoscope.errors import ConfigError
 from pneumoscope.inference.adapt import MIN_BATCH, adapt_batch, em_prior
 from pneumoscope.inference.loader import load

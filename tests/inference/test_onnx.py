@@ -7,7 +7,7 @@ import torch
 
 from pneumoscope.cli import build_parser
 from pneumoscope.data.digest import file_digest
-from pneumoscope.data.images import load_uint8
+from pneumoscope.data.intake import load_uint8
 from pneumoscope.errors import CheckpointError
 from pneumoscope.inference.loader import load
 from pneumoscope.inference.onnx import (
@@ -156,7 +156,7 @@ def test_load_predicts_with_onnx_runtime_that_agrees_with_pytorch(tiny_checkpoin
 
     import numpy as np
 
-    from pneumoscope.data.images import load_uint8
+    from pneumoscope.data.intake import load_uint8
     from pneumoscope.inference import features as F
     from pneumoscope.inference.loader import load
 

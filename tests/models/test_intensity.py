@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pneumoscope.config import resolve
-from pneumoscope.data.images import load_uint8
+from pneumoscope.data.intake import load_uint8
 from pneumoscope.data.intensity import standardise
 from pneumoscope.errors import ConfigError
 from pneumoscope.models.names import parse_trainable

@@ -98,7 +98,7 @@ def test_random_border_crop_removes_a_marked_border():
 
 
 def test_random_jpeg_is_lossy_close_and_reproducible(chest_xray):
-    from pneumoscope.data.images import load_uint8
+    from pneumoscope.data.intake import load_uint8
     from pneumoscope.training.augment import random_jpeg
 
     films = sorted((chest_xray / "train" / "NORMAL").glob("*.jpeg"))[:2] + sorted(

@@ -11,7 +11,13 @@ from skimage import color, data
 from pneumoscope.cli import build_parser
 from pneumoscope.data.cache import decode_all
 from pneumoscope.data.images import resize_uint8, to_uint8
-from pneumoscope.data.quality import file_warnings, image_warnings
+from pneumoscope.data.intake import from_path
+from pneumoscope.data.quality import image_warnings
+
+
+def file_warnings(path):
+    """The quality flags of a file, as predict computes them (the one intake)."""
+    return from_path(path, 64).quality
 from pneumoscope.inference.embedding import (
     EmbeddingReference,
     ReferenceSet,
@@ -76,7 +82,7 @@ def test_real_chest_images_are_rarely_flagged(shared_sample):
     assert len(flagged) <= 5, flagged
 
 
-def test_file_warnings_keeps_colour(tmp_path):
+def test_the_intake_keeps_colour_for_its_flags(tmp_path):
     Image.fromarray(data.chelsea()).save(tmp_path / "cat.jpg")
     assert any("colour image" in w for w in file_warnings(tmp_path / "cat.jpg"))
 

@@ -20,7 +20,6 @@ import numpy as np
 from pneumoscope.config import resolve
 from pneumoscope.data.cache import decode_all
 from pneumoscope.data.digest import file_digest
-from pneumoscope.data.quality import file_warnings
 from pneumoscope.data.splits import split_samples
 from pneumoscope.errors import CheckpointError, ConfigError
 from pneumoscope.evaluation.calibration import calibrate
@@ -116,7 +115,7 @@ def adapt(data: str | Path, out: str | Path, checkpoint: str | Path | None = Non
     k = choose_k(y, patients)
     fold = patient_folds(y, patients, k, seed)
     log.info("%d-fold cross-validation by patient", k)
-    quality = [file_warnings(p) for p in films.paths]
+    quality = films.quality
     base_dir = _base_data(ckpt, base_data)
 
     t = time.perf_counter()

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold
 
-from pneumoscope.data.cache import decode_all
+from pneumoscope.data.cache import default_workers
 from pneumoscope.data.digest import cached_digest
 from pneumoscope.data.folders import scan
-from pneumoscope.data.images import is_dicom_path
-from pneumoscope.errors import DatasetLayoutError
+from pneumoscope.data.intake import from_path
+from pneumoscope.errors import DatasetLayoutError, ImageReadError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ class SiteFilms:
     patients: np.ndarray  # (N,) patient id per film
     images: np.ndarray  # (N, S, S) uint8
     sizes: np.ndarray  # (N, 2) original height, width
+    quality: list[list[str]] = field(default_factory=list)  # model-free flags of each film (data/quality.py)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why): unreadable or unsupported
 
     def __len__(self) -> int:
@@ -51,32 +52,32 @@ class SiteFilms:
         return "sha256:" + h.hexdigest()
 
 
-def _original_size(path: Path) -> tuple[int, int]:
-    if is_dicom_path(path):
-        import pydicom
-
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        return int(ds.Rows), int(ds.Columns)
-    with Image.open(path) as im:  # the header only
-        return im.height, im.width
-
-
 def load_site(folder: str | Path, size: int, progress: bool = False) -> SiteFilms:
     """The films of ``folder`` (NORMAL/ and PNEUMONIA/, any depth, or train/val/test holding them: all are used),
-    decoded once to uint8 ``size`` x ``size``. Unreadable files are skipped and listed. Refuses (DatasetLayoutError,
+    each decoded once (data/intake.py) to its uint8 ``size`` x ``size`` model input and its quality flags. Unreadable files are skipped and listed. Refuses (DatasetLayoutError,
     naming the minimum) a folder with one class, fewer than MIN_FILMS_PER_CLASS films or MIN_PATIENTS_PER_CLASS
     patients in a class: cross-validation on fewer says nothing."""
     root = Path(folder)
     ds = scan(root, labels="binary")
     samples = ds.samples
-    decoded = decode_all([s.path for s in samples], size, progress=progress)
-    keep = np.flatnonzero(decoded.ok)
-    skipped = [(str(p), why) for p, why in ds.skipped] + [(str(p), why) for p, why in decoded.errors]
+
+    def read(s):
+        try:
+            return from_path(s.path, size)  # decoded once: the model input, the quality flags, the original size
+        except (ImageReadError, OSError) as e:
+            return e
+
+    with ThreadPoolExecutor(max_workers=default_workers()) as pool:
+        intakes = list(pool.map(read, samples))
+    keep = [i for i, it in enumerate(intakes) if not isinstance(it, Exception)]
+    skipped = [(str(p), why) for p, why in ds.skipped] + [
+        (str(samples[i].path), str(it)) for i, it in enumerate(intakes) if isinstance(it, Exception)]
     films = SiteFilms(root=root, paths=[samples[i].path for i in keep],
                       y=np.array([samples[i].label for i in keep], dtype=np.int64),
-                      patients=np.array([samples[i].patient_id for i in keep]), images=decoded.images[keep],
-                      sizes=np.array([_original_size(samples[i].path) for i in keep], dtype=np.int64).reshape(-1, 2),
-                      skipped=skipped)
+                      patients=np.array([samples[i].patient_id for i in keep]),
+                      images=np.stack([intakes[i].model_u8 for i in keep]) if keep else np.zeros((0, size, size), np.uint8),
+                      sizes=np.array([intakes[i].meta["original_size"][:2] for i in keep], dtype=np.int64).reshape(-1, 2),
+                      quality=[intakes[i].quality for i in keep], skipped=skipped)
     for label, name in enumerate(ds.label_names):
         n = int((films.y == label).sum())
         n_pat = len(set(films.patients[films.y == label]))
