@@ -108,6 +108,7 @@ def runtime_session():
         os.replace(tmp, path)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as inference/onnx.py
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     got = session.run(None, {"x": example.contiguous().numpy()})[0]
     if not np.abs(got - net.core(example).numpy()).max() <= 1e-4:

@@ -184,6 +184,9 @@ class OnnxBackend:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # no busy-waiting between runs: spinning threads starved the service's decoding and database threads
+        # (model stage p50 239 -> see docs/service.md) and the OOD feature session on 2 cores
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3  # errors only
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])

@@ -95,7 +95,7 @@ def test_clahe_checkpoint_predictor_equals_onnx(clahe_checkpoint, chest_xray, tm
 
     ckpt = load_checkpoint(clahe_checkpoint)
     assert ckpt["preprocess"]["intensity"] == "clahe" and ckpt["config"]["intensity"] == "clahe"
-    torch_pred = load(clahe_checkpoint, device="cpu")
+    torch_pred = load(clahe_checkpoint, device="cpu", backend="torch")  # the PyTorch path, against the ONNX file
     assert torch_pred.preprocess.intensity == "clahe"
     onnx_path = export_onnx(clahe_checkpoint, tmp_path / "m.onnx")
     assert OnnxBackend(onnx_path).preprocess.intensity == "clahe"  # stored in the ONNX metadata
