@@ -1,5 +1,6 @@
 """Inference speed: single-image latency (JPEG on disk -> decode -> resize -> logits) and batch throughput,
-PyTorch eager (pneumoscope.inference.predictor.Predictor, fp32 and bf16) vs ONNX Runtime (pneumoscope.inference.onnx.OnnxBackend, fp32
+PyTorch eager (pneumoscope.inference.predictor.Predictor, fp32 and bf16) vs ONNX Runtime
+(pneumoscope.inference.onnx.OnnxBackend, fp32
 and int8 from pneumoscope.inference.onnx.quantize_onnx calibrated on 64 shared training images).
 
 Models: seed_cnn at 150 px (random init) and efficientnet_lite0 at 224 px (the packaged ImageNet weights folded to
@@ -24,7 +25,12 @@ import numpy as np
 import torch
 
 from pneumoscope.data.intake import load_uint8
-from pneumoscope.inference.onnx import OnnxBackend, calibration_images, export_model, quantize_onnx
+from pneumoscope.inference.onnx import (
+    OnnxBackend,
+    calibration_images,
+    export_model,
+    quantize_onnx,
+)
 from pneumoscope.inference.predictor import Predictor
 from pneumoscope.models.registry import create_model
 from pneumoscope.studies.bench import describe, device_description

@@ -2,7 +2,7 @@
 
 Starts ``python -m pneumoscope serve --checkpoint CKPT [--workers W]`` on 127.0.0.1 (a free port, a fresh
 database: a SQLite file in a temporary folder, or with ``--db postgresql`` a temporary PostgreSQL server of its own,
-pneumoscope/serve/pgtemp.py), uploads real chest X-ray JPEGs one per request, and prints per phase the
+tests/pgtemp.py), uploads real chest X-ray JPEGs one per request, and prints per phase the
 throughput, p50/p99 latency and errors. The first ``--same-image-clients`` clients upload one and the same image
 at the same moments. Then it checks the database: exactly one prediction row per successful request, and per
 phase exactly one study of the shared image and one per other distinct image.
@@ -31,10 +31,12 @@ import httpx
 import numpy as np
 from sqlalchemy import text
 
-from pneumoscope.serve.pgtemp import TempPostgres
 from pneumoscope.serve.schema import engine_for
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the tests' temporary PostgreSQL server (tests/pgtemp.py) is test scaffolding
+from tests.pgtemp import TempPostgres  # noqa: E402
+
 DEFAULT_IMAGES = Path(os.environ.get("PNEUMOSCOPE_SHARED_DATA", REPO.parent / "shared" / "data")) / "chest_xray" / "train"
 
 

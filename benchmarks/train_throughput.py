@@ -4,7 +4,8 @@ The step is training/loop.py's: uint8 batch -> float -> batched augmentation -> 
 AdamW step, on real shared images decoded once. Variants: fp32 NCHW with PyTorch's pooling and glibc's malloc
 defaults (naive PyTorch), fp32 channels_last, bf16 autocast + channels_last (= training/loop.py here), and the latter with
 either of its memory-side optimisations off (numba pooling, glibc keeping freed memory). FLOPs: the forward pass
-is counted with torch.utils.flop_counter.FlopCounterMode (convolutions and matrix products; element-wise ops are not counted) and forward + backward is taken as 3 x forward: the counter's
+is counted with torch.utils.flop_counter.FlopCounterMode (convolutions and matrix products; element-wise ops are not
+counted) and forward + backward is taken as 3 x forward: the counter's
 own backward count is wrong for grouped (depthwise) convolutions (torch 2.13 counts EfficientNet-Lite0's
 convolution_backward as 31 GFLOP per image, ~40 x too much). The peaks are n x n matrix products in the same process.
 
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, size in configs:
             data.setdefault(size, real_images(args.data, args.n, size))
             for v in variants:
-                print(f"## {name} {size} px, {v}, batch {args.batch_size}\n\n```\n{profile(Step(name, size, v, *data[size], args.batch_size))}```\n")
+                table = profile(Step(name, size, v, *data[size], args.batch_size))
+                print(f"## {name} {size} px, {v}, batch {args.batch_size}\n\n```\n{table}```\n")
         return 0
 
     peak = {d: matmul_gflops(d, 1024, 2.0) for d in ("fp32", "bf16")}

@@ -23,7 +23,8 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "weight_decay": (0.0, 1.0), "val_fraction": (0.0, 1.0), "min_val_split": (0, 1_000_000),
     "seed": (0, 2**32 - 1), "label_smoothing": (0.0, 0.5), "rotate_deg": (0.0, 180.0), "scale": (0.0, 0.9),
     "translate": (0.0, 0.5), "brightness": (0.0, 1.0), "contrast": (0.0, 1.0), "gamma": (0.0, 3.0),
-    "blur": (0.0, 20.0), "downsample": (0.0, 4.0), "border_crop": (0.0, 0.4), "jpeg": (0, 95), "noise": (0.0, 1.0), "patience": (1, 1000), "threads": (0, 256), "workers": (0, 256),
+    "blur": (0.0, 20.0), "downsample": (0.0, 4.0), "border_crop": (0.0, 0.4), "jpeg": (0, 95), "noise": (0.0, 1.0),
+    "patience": (1, 1000), "threads": (0, 256), "workers": (0, 256),
     "limit": (0, 100_000_000), "freeze_epochs": (0, 1000), "backbone_lr_mult": (0.0, 100.0),
 }
 OPEN = {"lr": "(lo", "val_fraction": "(lo hi)", "label_smoothing": "hi)"}

@@ -11,7 +11,8 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "pneumoscope"
 # lower rooms first; a module may import its own room and the rooms before it, never one after it
-ROOMS = ["_lazy", "errors", "progress", "data", "models.names", "models", "config", "inference", "evaluation", "trust", "training",
+ROOMS = ["_lazy", "errors", "progress", "data", "models.names", "models", "config", "inference", "evaluation", "trust",
+         "training",
          "studies", "serve", "dicom", "cli", "__main__"]
 
 

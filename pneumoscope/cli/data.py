@@ -22,7 +22,8 @@ def _compare(args: argparse.Namespace) -> int:
 
     r = data_compare(args.reference, args.target, args.checkpoint, args.out, limit=args.limit, progress=not args.json,
                      alpha=args.alpha)
-    keys = ("p_value", "intensity_js", "intensity_wasserstein", "size_wasserstein_px", "embedding_frechet", "target_flagged_fraction")
+    keys = ("p_value", "intensity_js", "intensity_wasserstein", "size_wasserstein_px", "embedding_frechet",
+            "target_flagged_fraction")
     log.info("%s%s", ", ".join(f"{k} {r[k]:.4g}" for k in keys if r.get(k) is not None),
              f"; report in {args.out}" if args.out else "")
     if r["shift_detected"]:

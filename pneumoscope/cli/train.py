@@ -150,7 +150,8 @@ def register(sub) -> None:
     s.add_argument("--ensemble", action="store_true", help="add a row for the mean probability of all models")
     s.set_defaults(func=_compare)
 
-    s = sub.add_parser("build-default-model", help="train pneumoscope/resources/default_model.yaml and pack it as the bundled model")
+    s = sub.add_parser("build-default-model",
+                       help="train pneumoscope/resources/default_model.yaml and pack it as the bundled model")
     s.add_argument("--data", required=True)
     s.add_argument("--out", default="runs/default_model", help="run folder")
     s.add_argument("--config", help="training config (default: pneumoscope/resources/default_model.yaml)")

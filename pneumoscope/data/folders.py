@@ -177,7 +177,8 @@ def scan(root: str | Path, labels: str = "binary") -> Dataset:
             raise DatasetLayoutError(f"{root}: a MedMNIST file has binary labels only; use --labels binary")
         root = materialize(root)
     if not root.is_dir():
-        raise DatasetLayoutError(f"{root}: not a folder. Point --data at a folder with NORMAL/ and PNEUMONIA/, or train/ val/ test/")
+        raise DatasetLayoutError(f"{root}: not a folder. Point --data at a folder with NORMAL/ and PNEUMONIA/, "
+                                 "or train/ val/ test/")
     skipped: list[tuple[Path, str]] = []
     split_dirs = {d.name.lower(): d for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLITS}
     if split_dirs:

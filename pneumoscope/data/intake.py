@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from pneumoscope.data.dicom import read_dicom
 from pneumoscope.data.images import (
     _16BIT_MODES,
     _PIL_ERRORS,
@@ -31,7 +32,6 @@ from pneumoscope.data.images import (
     resize_uint8,
     to_uint8,
 )
-from pneumoscope.data.dicom import read_dicom
 from pneumoscope.data.quality import image_warnings
 from pneumoscope.errors import ImageReadError
 

@@ -78,7 +78,8 @@ def summarize(root: str | Path, labels: str = "binary", progress: bool = True) -
 def format_summary(s: dict) -> str:
     """Human-readable table of ``summarize``'s output."""
     lines = [f"{s['root']} ({s['layout']} layout): {s['images']} images, {s['patients']} patients",
-             f"{'split':<8}{'class':<12}{'images':>8}{'patients':>10}{'dupes':>7}{'bad':>5}  sizes (min / most common / max, h×w)"]
+             f"{'split':<8}{'class':<12}{'images':>8}{'patients':>10}{'dupes':>7}{'bad':>5}"
+             "  sizes (min / most common / max, h×w)"]
     fmt = lambda v: "×".join(map(str, v)) if v else "-"  # noqa: E731
     for split, d in s["splits"].items():
         for cls, c in d["classes"].items():

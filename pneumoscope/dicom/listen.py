@@ -8,7 +8,8 @@ with ``forward`` the SR and the Grad-CAM Secondary Capture (results.py) are C-ST
 on-disk outbox (outbox.py: kept and retried while the target is down).
 
 Security: an association whose called AE title is not this listener's is rejected; with ``allowed_aes`` only
-those calling AE titles may associate (``require_calling_aet``; others are rejected at association); an AE title is no authentication, so also keep the port on a trusted network.
+those calling AE titles may associate (``require_calling_aet``; others are rejected at association); an AE title
+is no authentication, so also keep the port on a trusted network.
 Refused inputs (another modality, no pixel data, a malformed dataset) are logged as ``refused`` and answered
 with a failure status (0xC000 "cannot understand"); the listener keeps running.
 """
@@ -42,6 +43,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from pneumoscope.data.intake import from_dataset
 from pneumoscope.dicom.outbox import Outbox
 from pneumoscope.dicom.results import model_identity, probability_of, result_datasets
 from pneumoscope.errors import ImageReadError
@@ -49,7 +51,6 @@ from pneumoscope.inference.assess import heatmap_shown
 from pneumoscope.inference.loader import load
 from pneumoscope.inference.predictor import Predictor
 from pneumoscope.serve.db import ModelRecord, StudyDB
-from pneumoscope.data.intake import from_dataset
 from pneumoscope.serve.uploads import heatmap_overlay, prediction_record, upload_of
 
 log = logging.getLogger(__name__)

@@ -143,7 +143,8 @@ def secondary_capture(source: Dataset, overlay_png: bytes) -> Dataset:
     rgb = np.asarray(Image.open(io.BytesIO(overlay_png)).convert("RGB"), dtype=np.uint8)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=reference(source), pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
-        coordinate_system="PATIENT", patient_orientation=orient, series_instance_uid=generate_uid(), sop_instance_uid=generate_uid(),
+        coordinate_system="PATIENT", patient_orientation=orient, series_instance_uid=generate_uid(),
+        sop_instance_uid=generate_uid(),
         series_number=SC_SERIES_NUMBER, instance_number=1, manufacturer=MANUFACTURER,
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )

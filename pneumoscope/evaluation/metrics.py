@@ -1,4 +1,5 @@
-"""Evaluation metrics for the pneumonia classifier: point metrics, bootstrap CIs, thresholds, subgroups (calibration: calibration.py).
+"""Evaluation metrics for the pneumonia classifier: point metrics, bootstrap CIs, thresholds, subgroups
+(calibration: calibration.py).
 
 Conventions: `y` is an int label array. Binary: `p` is the probability of PNEUMONIA (positive class 1),
 a case is called positive when `p >= threshold`; sensitivity is the recall of class 1 and specificity the

@@ -233,7 +233,8 @@ def _calibration(y, logits, temperature, bias: float = 0.0) -> tuple[dict, np.nd
 
 
 def write_evaluation(out_dir, y, p, threshold: float = 0.5, *, label_names, logits=None, temperature=None,
-                     calibration_bias: float = 0.0, val_operating_points=None, groups=None, extra=None, n_boot: int = 1000, seed: int = 0,
+                     calibration_bias: float = 0.0, val_operating_points=None, groups=None, extra=None,
+                     n_boot: int = 1000, seed: int = 0,
                      adapted: dict | None = None, assessed: dict | None = None) -> dict:
     """Write report.json, report.md and plots for one evaluated split into `out_dir`; return the report dict.
 

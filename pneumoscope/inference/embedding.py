@@ -75,7 +75,9 @@ class EmbeddingReference:
         would flag most new in-distribution images; out-of-fold ones flag about 1 - quantile of them.
         """
 
-        from sklearn.covariance import LedoitWolf  # here: importing scikit-learn costs predict's start-up 1.3 s
+        from sklearn.covariance import (
+            LedoitWolf,  # here: importing scikit-learn costs predict's start-up 1.3 s
+        )
 
         X = np.asarray(features, dtype=np.float64)
         if X.ndim != 2 or X.shape[0] < 2 * folds:

@@ -178,7 +178,8 @@ class OnnxBackend:
 
         self.path = Path(onnx_path)
         if not self.path.is_file():
-            raise CheckpointError(f"ONNX model {self.path} not found: create it with pneumoscope export --checkpoint CKPT --onnx {self.path}")
+            raise CheckpointError(f"ONNX model {self.path} not found: create it with pneumoscope export --checkpoint CKPT "
+                                  f"--onnx {self.path}")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -196,7 +197,8 @@ class OnnxBackend:
         raw = self.session.get_modelmeta().custom_metadata_map
         self.metadata = {k[len(META_PREFIX):]: json.loads(v) for k, v in raw.items() if k.startswith(META_PREFIX)}
         if "preprocess" not in self.metadata:
-            raise CheckpointError(f"{self.path} has no pneumoscope metadata (pneumoscope.preprocess): export it with pneumoscope export")
+            raise CheckpointError(f"{self.path} has no pneumoscope metadata (pneumoscope.preprocess): export it with "
+                                  "pneumoscope export")
         self.preprocess = Preprocess.from_dict(self.metadata["preprocess"])
         self.label_names = tuple(self.metadata.get("label_names") or ("NORMAL", "PNEUMONIA"))
         self.threshold = self.metadata.get("threshold")

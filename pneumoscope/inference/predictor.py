@@ -17,7 +17,11 @@ from pneumoscope.data.intake import Intake, from_array, from_array_u8, from_path
 from pneumoscope.errors import CheckpointError, ImageReadError
 from pneumoscope.inference.adapt import adapt_batch, check_batch
 from pneumoscope.inference.assess import NOT_ASSESSED, Assessment, assess
-from pneumoscope.inference.embedding import EmbeddingReference, ReferenceSet, reference_features
+from pneumoscope.inference.embedding import (
+    EmbeddingReference,
+    ReferenceSet,
+    reference_features,
+)
 from pneumoscope.inference.runtime import pneumonia_score, predict_logits, softmax
 from pneumoscope.models.preprocess import Preprocess
 

@@ -53,7 +53,8 @@ def save_checkpoint(payload: dict, path: str | Path) -> Path:
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found: pass the best.pt of a training run (pneumoscope train --out RUN_DIR)")
+        raise CheckpointError(f"checkpoint {path} not found: pass the best.pt of a training run "
+                              "(pneumoscope train --out RUN_DIR)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except LOAD_ERRORS as e:  # torch's message may suggest weights_only=False or safe globals: never repeated
@@ -67,7 +68,8 @@ def load_checkpoint(path: str | Path) -> dict:
             f" with keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else "")
             + f", without the '{FORMAT}' format tag")
     if ckpt.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {ckpt['format_version']}; this pneumoscope reads up to {FORMAT_VERSION}: upgrade pneumoscope")
+        raise CheckpointError(f"{path} has checkpoint format {ckpt['format_version']}; this pneumoscope reads up to "
+                              f"{FORMAT_VERSION}: upgrade pneumoscope")
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise _not_a_checkpoint(path, f"it lacks {missing}")

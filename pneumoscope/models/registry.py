@@ -28,7 +28,14 @@ from typing import Any, Mapping
 from torch import nn
 
 from pneumoscope.errors import CheckpointError, ConfigError
-from pneumoscope.models import cnn_rnn, efficientnet, ensemble, feature_head, monai_nets, seed_cnn
+from pneumoscope.models import (
+    cnn_rnn,
+    efficientnet,
+    ensemble,
+    feature_head,
+    monai_nets,
+    seed_cnn,
+)
 from pneumoscope.models.layers import ModelSpec
 from pneumoscope.models.names import DEFAULT_INPUT_SIZE, list_models
 from pneumoscope.models.weights import fold_rgb_stem, read_state_dict, to_wrapped_keys

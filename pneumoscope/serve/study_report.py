@@ -64,7 +64,8 @@ REPORT_SCHEMA: dict = {
             "properties": {
                 "probability": {**_PROB, "description": "raw model probability of pneumonia"},
                 "calibrated_probability": {"type": ["number", "null"], "minimum": 0, "maximum": 1,
-                                           "description": "sigmoid(logit / T + b), T and b fitted on validation data; null when not calibrated"},
+                                           "description": "sigmoid(logit / T + b), T and b fitted on validation "
+                                                          "data; null when not calibrated"},
                 "label": {"type": "string", "description": "label at the decision threshold"},
                 "label_from": {"enum": ["calibrated_probability", "probability"],
                                "description": "the probability the label comes from (compared with the threshold)"},

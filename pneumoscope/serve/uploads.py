@@ -13,7 +13,12 @@ import numpy as np
 from fastapi import HTTPException
 from PIL import Image
 
-from pneumoscope.data.images import DICOM_EXTENSIONS, MAX_IMAGE_PIXELS, fit, is_dicom_path
+from pneumoscope.data.images import (
+    DICOM_EXTENSIONS,
+    MAX_IMAGE_PIXELS,
+    fit,
+    is_dicom_path,
+)
 from pneumoscope.data.intake import WORKING, Intake, from_bytes
 from pneumoscope.errors import ImageReadError, ImageTooLargeError
 from pneumoscope.serve.db import PredictionRecord, StudyRecord

@@ -28,13 +28,15 @@ def reproduce(cfg: TrainConfig, epochs: tuple[int, ...] = (5, 7, 10)) -> str:
         last = m["history"][-1]
         rows.append((n, last, m))
     lines = [
-        "| epochs | study loss | study acc | study val_loss | study val_acc | loss | accuracy | val_loss | val_accuracy | val AUC (last) | best val AUC | wall s |",
+        "| epochs | study loss | study acc | study val_loss | study val_acc | loss | accuracy | val_loss | val_accuracy "
+        "| val AUC (last) | best val AUC | wall s |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n, last, m in rows:
         s = STUDY.get(n, (float("nan"),) * 4)
         lines.append(f"| {n} | {s[0]:.4f} | {s[1]:.4f} | {s[2]:.4f} | {s[3]:.4f} | {last['loss']:.4f} | {last['accuracy']:.4f} | "
-                     f"{last['val_loss']:.4f} | {last['val_accuracy']:.4f} | {last['val_auc']:.4f} | {m['val_auc']:.4f} | {m['wall_seconds']:.0f} |")
+                     f"{last['val_loss']:.4f} | {last['val_accuracy']:.4f} | {last['val_auc']:.4f} | "
+                     f"{m['val_auc']:.4f} | {m['wall_seconds']:.0f} |")
     table = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "reproduce.md").write_text(table)

@@ -238,7 +238,8 @@ def shift_study(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Pat
                      m["accuracy"])
     write_shift_report(rows, out_dir, {"checkpoint": str(checkpoint), "data": str(data_dir), "images": how,
                                        "n": int(len(y)), "threshold": predictor.threshold,
-                                       "temperature": predictor.temperature, "calibration_bias": predictor.calibration_bias, "seed": seed})
+                                       "temperature": predictor.temperature,
+                                       "calibration_bias": predictor.calibration_bias, "seed": seed})
     return rows
 
 

@@ -7,7 +7,6 @@ import socket
 import struct
 import threading
 import time
-from pathlib import Path
 
 import pydicom
 import pytest

@@ -32,7 +32,8 @@ def small_split_dir(chest_xray, tmp_path_factory):
 
 def test_evaluate_writes_report(ckpt, small_split_dir, tmp_path):
     out = tmp_path / "rep"
-    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(small_split_dir), "--split", "test", "--out", str(out)]) == 0
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(small_split_dir), "--split", "test",
+                 "--out", str(out)]) == 0
     r = json.loads((out / "report.json").read_text())
     for k in ("n", "accuracy", "sensitivity", "specificity", "precision", "f1", "auc", "threshold", "confusion", "ci"):
         assert k in r, k

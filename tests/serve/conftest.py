@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from pneumoscope.serve.app import create_app
-from pneumoscope.serve.pgtemp import PROGRAMS, TempPostgres, find_program
+from tests.pgtemp import PROGRAMS, TempPostgres, find_program
 
 
 @pytest.fixture(scope="session")

@@ -25,9 +25,8 @@ ACCEPTED: dict[str, Counter] = {"keyed": Counter(), "open": Counter()}
 
 def _app(tmp_path_factory, name: str, api_key: str | None):
     from pneumoscope.inference.loader import load
-    from tests.conftest import TINY, SHARED_DATA
-
     from pneumoscope.training.loop import train
+    from tests.conftest import SHARED_DATA, TINY
 
     out = tmp_path_factory.getbasetemp() / "tiny_seed_cnn_64"  # the session's tiny model (tests/conftest.py)
     if not (out / "best.pt").exists():

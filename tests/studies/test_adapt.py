@@ -14,7 +14,7 @@ import torch
 from pneumoscope.errors import DatasetLayoutError
 from pneumoscope.evaluation.calibration import calibrate
 from pneumoscope.studies.adapt.site import choose_k, load_site, patient_folds
-from pneumoscope.studies.adapt.validate import choose_winner, cross_fitted, CVResult
+from pneumoscope.studies.adapt.validate import CVResult, choose_winner, cross_fitted
 
 
 def _link(dst: Path, files: list[Path]) -> Path:

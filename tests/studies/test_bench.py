@@ -1,4 +1,5 @@
-"""pneumoscope bench: one tiny epoch (64 images, 48 px: seed_cnn needs >= 46) per CPU configuration gives a table row each and a device description."""
+"""pneumoscope bench: one tiny epoch (64 images, 48 px: seed_cnn needs >= 46) per CPU configuration gives a table
+row each and a device description."""
 
 import pytest
 import torch

@@ -13,11 +13,6 @@ from pneumoscope.data.cache import decode_all
 from pneumoscope.data.images import resize_uint8, to_uint8
 from pneumoscope.data.intake import from_path
 from pneumoscope.data.quality import image_warnings
-
-
-def file_warnings(path):
-    """The quality flags of a file, as predict computes them (the one intake)."""
-    return from_path(path, 64).quality
 from pneumoscope.inference.embedding import (
     EmbeddingReference,
     ReferenceSet,
@@ -28,6 +23,11 @@ from pneumoscope.inference.embedding import (
 )
 from pneumoscope.inference.loader import load
 from pneumoscope.trust.data_compare import data_compare, frechet_distance
+
+
+def file_warnings(path):
+    """The quality flags of a file, as predict computes them (the one intake)."""
+    return from_path(path, 64).quality
 
 
 def hand_like(h: int = 512, w: int = 400) -> np.ndarray:

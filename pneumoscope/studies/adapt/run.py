@@ -36,8 +36,18 @@ from pneumoscope.studies.adapt import strategies as S
 from pneumoscope.studies.adapt.finetune import CUT
 from pneumoscope.studies.adapt.report import write_report
 from pneumoscope.studies.adapt.site import choose_k, load_site, patient_folds
-from pneumoscope.studies.adapt.validate import choose_winner, cross_validate, learning_curve, ood_rate
-from pneumoscope.studies.adapt.views import cut_features, run_batches, style_features, trunk_features
+from pneumoscope.studies.adapt.validate import (
+    choose_winner,
+    cross_validate,
+    learning_curve,
+    ood_rate,
+)
+from pneumoscope.studies.adapt.views import (
+    cut_features,
+    run_batches,
+    style_features,
+    trunk_features,
+)
 from pneumoscope.studies.select import lung_box_mass
 from pneumoscope.trust.explain import heatmaps
 

@@ -54,7 +54,8 @@ class SiteFilms:
 
 def load_site(folder: str | Path, size: int, progress: bool = False) -> SiteFilms:
     """The films of ``folder`` (NORMAL/ and PNEUMONIA/, any depth, or train/val/test holding them: all are used),
-    each decoded once (data/intake.py) to its uint8 ``size`` x ``size`` model input and its quality flags. Unreadable files are skipped and listed. Refuses (DatasetLayoutError,
+    each decoded once (data/intake.py) to its uint8 ``size`` x ``size`` model input and its quality flags.
+    Unreadable files are skipped and listed. Refuses (DatasetLayoutError,
     naming the minimum) a folder with one class, fewer than MIN_FILMS_PER_CLASS films or MIN_PATIENTS_PER_CLASS
     patients in a class: cross-validation on fewer says nothing."""
     root = Path(folder)

@@ -26,7 +26,11 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from pneumoscope.models.feature_head import FeatureHead
-from pneumoscope.studies.adapt.finetune import finetune, tail_logits, trainable_parameters
+from pneumoscope.studies.adapt.finetune import (
+    finetune,
+    tail_logits,
+    trainable_parameters,
+)
 
 CS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # inverse L2 strengths tried by the inner CV (features are standardised)
 INNER_FOLDS = 4

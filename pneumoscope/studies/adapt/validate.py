@@ -8,8 +8,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pneumoscope.evaluation.calibration import expected_calibration_error, fit_calibration
-from pneumoscope.evaluation.metrics import binary_metrics, bootstrap_ci, choose_threshold
+from pneumoscope.evaluation.calibration import (
+    expected_calibration_error,
+    fit_calibration,
+)
+from pneumoscope.evaluation.metrics import (
+    binary_metrics,
+    bootstrap_ci,
+    choose_threshold,
+)
 from pneumoscope.inference.assess import assess
 from pneumoscope.inference.embedding import EmbeddingReference, ReferenceSet
 from pneumoscope.inference.features import NAME
