@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 from sqlalchemy import text
 
-from pneumoscope.serve.schema import engine_for
+from pneumoscope.studydb.schema import engine_for
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the tests' temporary PostgreSQL server (tests/pgtemp.py) is test scaffolding

@@ -12,8 +12,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "pneumoscope"
 # lower rooms first; a module may import its own room and the rooms before it, never one after it
 ROOMS = ["_lazy", "errors", "progress", "data", "models.names", "models", "config", "inference", "evaluation", "trust",
-         "training",
-         "studies", "serve", "dicom", "cli", "__main__"]
+         "training", "studies", "studydb", "serve", "dicom", "cli", "__main__"]
 
 
 def _modules() -> dict[str, Path]:
@@ -74,6 +73,20 @@ def test_imports_only_point_down_and_training_is_imported_only_by_studies_and_cl
     into_training = {a for a, bs in edges.items() for b in bs
                      if b.startswith("pneumoscope.training") and not a.startswith("pneumoscope.training")}
     assert {_room(a) for a in into_training} <= {ROOMS.index("studies"), ROOMS.index("cli")}, into_training
+
+
+def test_the_dicom_node_and_the_service_share_the_study_database_not_each_other():
+    """dicom/ imports nothing from serve/ (nor FastAPI), serve/ nothing from dicom/: both go through studydb/."""
+    edges = _imports(_modules())
+    crossing = [(a, b) for a, bs in edges.items() for b in bs
+                if (a.startswith("pneumoscope.dicom") and b.startswith("pneumoscope.serve"))
+                or (a.startswith("pneumoscope.serve") and b.startswith("pneumoscope.dicom"))]
+    assert not crossing, crossing
+    for path in (PKG / "dicom").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n == "fastapi" or n.startswith(("fastapi.", "starlette")) for n in names), (path, names)
 
 
 def test_no_module_over_400_lines():

@@ -19,7 +19,7 @@ DB_HELP = "study database: a SQLite file path, or a URL such as postgresql+psyco
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from pneumoscope.serve.schema import engine_for
+    from pneumoscope.studydb.schema import engine_for
 
     check_port_free(args.host, args.port)  # before the model loads and the database is created
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
@@ -50,8 +50,8 @@ def _serve_workers(args: argparse.Namespace, api_key: str | None, max_upload: in
     from pathlib import Path
 
     from pneumoscope.errors import CheckpointError
-    from pneumoscope.serve.db import StudyDB
     from pneumoscope.serve.factory import SETTINGS_ENV, settings_json
+    from pneumoscope.studydb.db import StudyDB
 
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise CheckpointError(f"checkpoint {args.checkpoint} not found: pass the best.pt of a run, or no "
@@ -87,7 +87,7 @@ def register(sub) -> None:
 
 
 def _db_export(args: argparse.Namespace) -> int:
-    from pneumoscope.serve.db import export_csv
+    from pneumoscope.studydb.db import export_csv
 
     for p in export_csv(args.db, args.out):
         log.info("wrote %s", p)
@@ -95,7 +95,7 @@ def _db_export(args: argparse.Namespace) -> int:
 
 
 def _db_migrate(args: argparse.Namespace) -> int:
-    from pneumoscope.serve.db import StudyDB
+    from pneumoscope.studydb.db import StudyDB
 
     db = StudyDB(args.db)
     log.info("study database %s is at schema version %d", db.path, db.version)

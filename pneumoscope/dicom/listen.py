@@ -50,8 +50,8 @@ from pneumoscope.errors import ImageReadError
 from pneumoscope.inference.assess import heatmap_shown
 from pneumoscope.inference.loader import load
 from pneumoscope.inference.predictor import Predictor
-from pneumoscope.serve.db import ModelRecord, StudyDB
-from pneumoscope.serve.uploads import heatmap_overlay, prediction_record, upload_of
+from pneumoscope.studydb.db import ModelRecord, StudyDB
+from pneumoscope.studydb.records import heatmap_overlay, prediction_record, upload_of
 
 log = logging.getLogger(__name__)
 

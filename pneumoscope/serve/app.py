@@ -39,18 +39,13 @@ from pneumoscope.data.images import read_image_bytes, resize_uint8, to_uint8
 from pneumoscope.inference.assess import HEATMAP_RULE, WORKLIST_RULE, heatmap_shown
 from pneumoscope.inference.loader import load
 from pneumoscope.inference.predictor import Predictor
-from pneumoscope.serve.db import ModelRecord, PredictionRecord, StudyDB
 from pneumoscope.serve.problems import known_query_only, responses
 from pneumoscope.serve.security import PAGE_CSP, REPORT_CSP, Guard, api_key_header
 from pneumoscope.serve.study_report import build_report, render_html
-from pneumoscope.serve.uploads import (
-    Upload,
-    add_upload_error_handlers,
-    decode_upload,
-    heatmap_overlay,
-    prediction_record,
-)
+from pneumoscope.serve.uploads import add_upload_error_handlers, decode_upload
 from pneumoscope.serve.worker import ModelWorker
+from pneumoscope.studydb.db import ModelRecord, PredictionRecord, StudyDB
+from pneumoscope.studydb.records import Upload, heatmap_overlay, prediction_record
 
 log = logging.getLogger(__name__)
 

@@ -119,7 +119,7 @@ def test_chest_radiographs_come_back_as_sr_and_secondary_capture(pacs):
     assert len(scs) == sum(shown), log  # a Grad-CAM Secondary Capture only for a film labelled PNEUMONIA
     assert all(d.Rows > d.Columns for d in scs)  # the square overlay plus its caption band (label, legend)
     assert all("not for primary diagnosis" in d.ImageComments and d.pixel_array.ndim == 3 for d in scs)
-    from pneumoscope.serve.db import StudyDB
+    from pneumoscope.studydb.db import StudyDB
 
     db = StudyDB(pacs["db"])
     try:

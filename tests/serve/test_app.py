@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from pneumoscope.serve.app import MAX_FILES, ModelWorker, create_app
-from pneumoscope.serve.schema import revisions
 from pneumoscope.serve.study_report import REPORT_SCHEMA
+from pneumoscope.studydb.schema import revisions
 from tests.serve.test_study_report import validate
 
 KEY = "test-key-0123456789"

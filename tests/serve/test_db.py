@@ -11,14 +11,14 @@ from sqlalchemy import exc, inspect, text
 
 from pneumoscope.cli import build_parser
 from pneumoscope.errors import ConfigError
-from pneumoscope.serve.db import (
+from pneumoscope.studydb.db import (
     ModelRecord,
     PredictionRecord,
     StudyDB,
     StudyRecord,
     export_csv,
 )
-from pneumoscope.serve.schema import (
+from pneumoscope.studydb.schema import (
     MIGRATIONS,
     current_revision,
     engine_for,
@@ -252,7 +252,7 @@ def test_same_file_from_two_processes_at_once_is_one_study(study_db):
 
 
 def test_urls(postgres):
-    from pneumoscope.serve.schema import describe
+    from pneumoscope.studydb.schema import describe
 
     url = postgres.create_database()
     plain = url.replace("postgresql+psycopg://", "postgresql://")  # SQLAlchemy's default driver would be psycopg2

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from pneumoscope.serve.schema import engine_for
+from pneumoscope.studydb.schema import engine_for
 
 KEY = "server-test-key-42"
 H = {"X-API-Key": KEY}

@@ -1,4 +1,4 @@
-"""Alembic environment of the study database, run programmatically by ``pneumoscope.serve.schema.migrate`` (no
+"""Alembic environment of the study database, run programmatically by ``pneumoscope.studydb.schema.migrate`` (no
 alembic.ini): it hands over an open connection; every revision runs in its own transaction together with its
 ``alembic_version`` update, so a failed revision leaves the previous version intact (DDL is transactional in
 PostgreSQL and, with the BEGIN that schema.py emits itself, in SQLite)."""

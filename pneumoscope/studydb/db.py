@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection
 
 from pneumoscope.errors import ConfigError
 from pneumoscope.inference.assess import TIERS
-from pneumoscope.serve.schema import describe, engine_for, is_url, migrate
+from pneumoscope.studydb.schema import describe, engine_for, is_url, migrate
 
 log = logging.getLogger(__name__)
 
