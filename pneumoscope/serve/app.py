@@ -46,6 +46,7 @@ from pneumoscope.serve.uploads import add_upload_error_handlers, decode_upload
 from pneumoscope.serve.worker import ModelWorker
 from pneumoscope.studydb.db import ModelRecord, PredictionRecord, StudyDB
 from pneumoscope.studydb.records import Upload, heatmap_overlay, prediction_record
+from pneumoscope.trust.explain import heatmaps
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +175,9 @@ def create_app(checkpoint=None, db_path: str | Path = "pneumoscope-studies.db", 
 def _warm_up(svc: Service) -> None:
     """One prediction and heatmap on a blank image at startup: the first request then pays no lazy imports."""
     blank = np.zeros((svc.size, svc.size), np.uint8)
-    r = svc.worker.submit([blank], heatmaps=True).result()[0]
-    if r["heat"] is not None:
-        heatmap_overlay(blank, r["heat"])
+    svc.worker.submit([blank]).result()
+    # Grad-CAM's lazy imports, and its ONNX Runtime copy (trust.explain.closed_form: exported once per checkpoint)
+    heatmap_overlay(blank, heatmaps(svc.predictor, blank[None])[0])
 
 
 def _page_routes(svc: Service) -> APIRouter:

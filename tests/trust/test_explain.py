@@ -147,3 +147,29 @@ def test_explain_writes_one_captioned_overlay_per_film_labelled_pneumonia(tiny_c
                               str(tmp_path / "cli"), "--device", "cpu"])
     assert args.func(args) == 0
     assert (tmp_path / "cli" / f"{shown[0].stem}_gradcam.png").stat().st_size > 0
+
+
+def test_closed_form_grad_cam_equals_monai_on_the_default_model(chest_xray, tmp_path, monkeypatch):
+    """The service's fast path (trust.explain.closed_form): the same maps as MONAI's GradCAM, without a backward
+    pass; a model of another shape (seed_cnn) keeps MONAI's."""
+    from pneumoscope.data.intake import load_uint8
+    from pneumoscope.inference.loader import load
+    from pneumoscope.trust import explain as E
+
+    monkeypatch.setenv("PNEUMOSCOPE_CACHE", str(tmp_path))
+    pred = load(None, device="cpu")
+    u8 = np.stack([load_uint8(f, 224) for f in sorted((chest_xray / "train" / "PNEUMONIA").glob("*.jpeg"))[:6]])
+    fast = E.closed_form(pred)
+    assert fast is not None
+    got = heatmaps(pred, u8)
+    monkeypatch.setattr(E, "closed_form", lambda p: None)
+    want = heatmaps(pred, u8)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert got.max() == 1.0 and got.shape == (6, 224, 224)
+
+
+def test_closed_form_is_only_for_models_of_its_shape(tiny_checkpoint):
+    from pneumoscope.inference.loader import load
+    from pneumoscope.trust.explain import closed_form
+
+    assert closed_form(load(tiny_checkpoint, device="cpu")) is None  # seed_cnn: MONAI's GradCAM
