@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +112,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     val_fraction: float = 0.15  # patient-level, stratified; ignored when the data has a large enough val/ split
+    fold: str = ""  # "i/k": validate on patient fold i of k (stratified, seeded) of train/, train on the rest (CV)
     min_val_split: int = 100  # a given val/ split is used only when it has at least this many images of each class... in total
     seed: int = 0
     imbalance: str = "weighted"  # weighted (class-weighted loss) | sampler (balanced sampling) | none
@@ -154,9 +156,12 @@ class TrainConfig:
             raise ConfigError("config value data is missing: pass --data DIR (a folder with NORMAL/ and PNEUMONIA/)")
         for f in dataclasses.fields(self):  # types, ranges and choices: the one table above
             setattr(self, f.name, check_value(f.name, getattr(self, f.name)))
-        if not (self.threshold == "youden" or self.threshold.startswith("sensitivity:")):
-            raise bad("threshold", "choose youden or sensitivity:TARGET, e.g. sensitivity:0.95")
+        try:
+            threshold_target(self.threshold)
+        except ConfigError:
+            raise bad("threshold", "choose youden or sensitivity:TARGET with TARGET in (0, 1], e.g. sensitivity:0.95") from None
         parse_trainable(self.trainable)
+        parse_fold(self.fold)
         if self.model not in list_models():
             raise bad("model", f"unknown model; choose one of {', '.join(list_models())}")
         return self
@@ -167,6 +172,29 @@ class TrainConfig:
     def default_out(self) -> str:
         size = f"{self.image_size}px-" if self.image_size else ""
         return str(Path("runs") / f"{self.model}-{self.labels}-{size}seed{self.seed}")
+
+
+def threshold_target(method: str) -> float | None:
+    """The one rule for a threshold method: None for "youden", the target for "sensitivity:<target in (0, 1]>";
+    ConfigError otherwise (``TrainConfig.validate``, ``evaluation.metrics.choose_threshold``)."""
+    if method == "youden":
+        return None
+    m = re.fullmatch(r"sensitivity:\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)", str(method).strip())
+    if m is None or not 0 < float(m.group(1)) <= 1:
+        raise ConfigError(f"unknown threshold method {method!r}: use 'youden' or 'sensitivity:<target in (0, 1]>', "
+                          "e.g. 'sensitivity:0.95'")
+    return float(m.group(1))
+
+
+def parse_fold(fold: str) -> tuple[int, int] | None:
+    """``"i/k"`` -> (i, k): patient fold i (1-based) of k validates, the other k - 1 train; "" -> None."""
+    if not fold:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(fold))
+    if m is None or not 2 <= int(m.group(2)) <= 20 or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise ConfigError(f"config value fold={fold!r} is invalid: write i/k with 2 <= k <= 20 and 1 <= i <= k, "
+                          "e.g. fold: 1/5 (validate on patient fold 1 of 5, train on the other 4)")
+    return int(m.group(1)), int(m.group(2))
 
 
 def config_keys() -> list[str]:

@@ -50,7 +50,7 @@ def _select(args: argparse.Namespace) -> int:
     if not checkpoints:
         log.error("select: give --checkpoints a.pt,b.pt and/or --recipes all|a.yaml,b.yaml")
         return 2
-    rows = select(checkpoints, args.data, args.external, groups, args.gradcam_n, args.cache)
+    rows = select(checkpoints, args.data, args.external, groups, args.gradcam_n, args.cache, args.site)
     path = write(rows, args.out)
     winner = next((r["name"] for r in rows if r.get("winner")), None)
     log.info("%d candidates scored; winner by the rule: %s; table in %s", len(rows), winner, path)
@@ -81,6 +81,8 @@ def register(sub) -> None:
     s.add_argument("--runs", help="folder for the recipe runs (default OUT/runs)")
     s.add_argument("--data", required=True, help="training data folder (each checkpoint's validation split is re-made)")
     s.add_argument("--external", help="folder with actualmed/ and hannover/ (probes: measured, never fitted on)")
+    s.add_argument("--site", help="a labelled folder of another hospital (NORMAL/, PNEUMONIA/), scored zero-shot: "
+                                  "measured, never fitted on, not part of the score")
     s.add_argument("--out", required=True, help="folder for select.md and select.json")
     s.add_argument("--ensemble", nargs="?", const="all", default=None,
                    help="add an ensemble row (mean calibrated probability): of all checkpoints, or of the given "

@@ -76,7 +76,7 @@ def _predict(args: argparse.Namespace) -> int:
     out = open(args.output, "w", newline="") if args.output else sys.stdout
     try:
         if fmt == "json":
-            out.write(json.dumps(results, indent=2) + "\n")
+            out.write(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
         else:
             cols = ["path", "patient_id", "probability", "calibrated_probability", "label", "label_from", "threshold",
                     "ood_score", "out_of_distribution", "not_assessed_reason", "warnings", "error"]
@@ -85,16 +85,16 @@ def _predict(args: argparse.Namespace) -> int:
             w = csv.DictWriter(out, fieldnames=cols, extrasaction="ignore")
             w.writeheader()
             for r in results:
-                ood = r.get("out_of_distribution")
-                w.writerow({**r, "warnings": "; ".join(r.get("warnings", [])),
+                ood = r.out_of_distribution
+                w.writerow({**r.to_dict(), "warnings": "; ".join(r.warnings),
                             "out_of_distribution": "" if ood is None else str(ood).lower()})
     finally:
         if args.output:
             out.close()
-    bad = [r for r in results if "error" in r]
+    bad = [r for r in results if r.error is not None]
     if bad:
         log.warning("%d of %d files could not be read (error rows in the output, exit code %d): %s", len(bad),
-                    len(results), EXIT_SOME_FAILED, ", ".join(r["path"] for r in bad))
+                    len(results), EXIT_SOME_FAILED, ", ".join(r.path for r in bad))
         return EXIT_SOME_FAILED
     return 0
 

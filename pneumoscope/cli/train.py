@@ -23,6 +23,7 @@ TRAIN_FLAGS = {  # key -> help; every key is a TrainConfig field / YAML key (tes
     "batch_size": "images per step",
     "lr": "peak learning rate of the one-cycle schedule",
     "val_fraction": "patient-level validation fraction",
+    "fold": "i/k: validate on patient fold i of k of train/, train on the others (cross-validated ensembles)",
     "seed": "random seed of split, initialisation and augmentation",
     "out": "run folder (default runs/<model>-<labels>-<size>px-seed<seed>)",
     "imbalance": "weighted | sampler | none",
@@ -73,7 +74,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         from pneumoscope.training.loop import train
 
-        m = train(args.config, resume=args.resume, prefetch=prefetch, **ov)
+        m = train(cfg, resume=args.resume, prefetch=prefetch)  # resolved once, above
     finally:
         if prefetch is not None:
             prefetch.close()

@@ -263,6 +263,32 @@ def split_by_patient(samples: list[Sample], val_fraction: float, seed: int = 0) 
     return sorted(train, key=key), sorted(val, key=key)
 
 
+def fold_by_patient(samples: list[Sample], k: int, i: int, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """Patient-level stratified k-fold: (train, validation) of fold ``i`` (1-based) of ``k``.
+
+    Patients are grouped and stratified as in ``split_by_patient``; within each stratum a seeded shuffle deals the
+    patients to the k folds in turn, so the k validation folds are disjoint, cover every image once, and keep the
+    class shares. No patient is on both sides of any fold."""
+    if not 2 <= k or not 1 <= i <= k:
+        raise DatasetLayoutError(f"fold {i} of {k} is invalid: need 2 <= k and 1 <= i <= k")
+    groups = _patient_groups(samples)
+    strata: dict[int, list[str]] = defaultdict(list)
+    for pid, idx in groups.items():
+        strata[Counter(samples[j].label for j in idx).most_common(1)[0][0]].append(pid)
+    rng = np.random.default_rng(seed)
+    val_pids: set[str] = set()
+    for label in sorted(strata, key=lambda x: (x is None, x)):
+        pids = sorted(strata[label])
+        rng.shuffle(pids)
+        val_pids.update(pids[i - 1::k])
+    train = [samples[j] for pid, idx in groups.items() if pid not in val_pids for j in idx]
+    val = [samples[j] for pid, idx in groups.items() if pid in val_pids for j in idx]
+    if not train or not val:
+        raise DatasetLayoutError(f"fold {i} of {k}: too few patients for {k} folds")
+    key = lambda s: str(s.path)  # noqa: E731
+    return sorted(train, key=key), sorted(val, key=key)
+
+
 def expand_paths(inputs: list[str | Path], broken_links: bool = False) -> list[Path]:
     """Files as given; folders expanded recursively to their image/DICOM files (sorted, hidden files skipped).
 

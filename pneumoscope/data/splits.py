@@ -12,6 +12,7 @@ from pneumoscope.data.cache import Decoded, decode_all
 from pneumoscope.data.folders import (
     Sample,
     check_no_cross_split_duplicates,
+    fold_by_patient,
     scan,
     split_by_patient,
 )
@@ -20,7 +21,7 @@ from pneumoscope.errors import DatasetLayoutError
 log = logging.getLogger(__name__)
 
 # the config values that decide the split and the decoded pixels (besides the size)
-DATA_KEYS = ("data", "labels", "allow_cross_split_duplicates", "min_val_split", "val_fraction", "seed", "limit")
+DATA_KEYS = ("data", "labels", "allow_cross_split_duplicates", "min_val_split", "val_fraction", "fold", "seed", "limit")
 Split = tuple[list[Sample], list[Sample], tuple[str, ...], str]  # train, val, label names, how val was made
 
 
@@ -47,7 +48,12 @@ def split_samples(cfg) -> Split:
     if not train_pool:
         raise DatasetLayoutError(f"{cfg.data}: no training images (expected a train/ split or class folders)")
     val_given = [s for s in ds.samples if s.split == "val"]
-    if len(val_given) >= cfg.min_val_split and len({s.label for s in val_given}) == len(ds.label_names):
+    fold = getattr(cfg, "fold", "")
+    if fold:  # cross-validation: patient fold i of k of the training images validates (config.parse_fold checked it)
+        i, k = (int(x) for x in fold.split("/"))
+        train, val = fold_by_patient(train_pool, k, i, cfg.seed)
+        how = f"patient-level fold {i} of {k} of the training images (seed={cfg.seed})"
+    elif len(val_given) >= cfg.min_val_split and len({s.label for s in val_given}) == len(ds.label_names):
         train, val, how = train_pool, val_given, f"the data's val/ split ({len(val_given)} images)"
     else:
         if val_given:

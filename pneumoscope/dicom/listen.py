@@ -118,16 +118,16 @@ class Pipeline:
                       _pixel_digest(ds), None)  # the parsed dataset, decoded once (data/intake.py)
         with self._lock:
             r = self.predictor.predict([u.model_u8], quality=[u.quality])[0]
-            if "error" in r:
-                raise ImageReadError(r["error"])
+            if r.error is not None:
+                raise ImageReadError(r.error)
             png = None
-            if self.heatmaps and heatmap_shown(r["label"]):
+            if self.heatmaps and heatmap_shown(r.label):
                 from pneumoscope.trust.explain import heatmaps
 
                 png = heatmap_overlay(u.view_u8, heatmaps(self.predictor, u.model_u8[None])[0])
         latency_ms = (time.perf_counter() - t0) * 1000.0
         stored = self.db.add_predictions([prediction_record(u, r, latency_ms, png)], self.model)[0]
-        log.info("predicted %s from %s: %s, probability %.4f (study %s%s)", sop_uid, source, r["label"],
+        log.info("predicted %s from %s: %s, probability %.4f (study %s%s)", sop_uid, source, r.label,
                  probability_of(r), stored["study_id"], ", received before" if stored["duplicate"] else "")
         return result_datasets(ds, r, self.predictor.info, png)
 

@@ -29,6 +29,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pneumoscope import __version__
 from pneumoscope.inference.assess import NOT_ASSESSED, heatmap_shown
+from pneumoscope.inference.prediction import Prediction
 from pneumoscope.trust.explain import caption_lines, with_caption
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,9 @@ UNITLESS = hd.sr.CodedConcept("1", "UCUM", "no units")
 FINDINGS = {"PNEUMONIA": PRESENT, "NORMAL": ABSENT, NOT_ASSESSED: NOT_ASSESSED_CODE}
 
 
-def probability_of(r: dict) -> float:
+def probability_of(r: Prediction) -> float:
     """The probability the label comes from: the calibrated one when the model is calibrated."""
-    p = r.get("calibrated_probability")
-    return float(r["probability"] if p is None else p)
+    return float(r.score)
 
 
 def model_identity(info: dict) -> tuple[str, str, str]:
@@ -98,24 +98,24 @@ def _private_scheme() -> Dataset:
     return d
 
 
-def structured_report(source: Dataset, r: dict, model: dict) -> Dataset:
-    """The TID 1500 Imaging Measurement Report of prediction ``r`` (``Predictor.predict``'s dict) of ``source`` by
+def structured_report(source: Dataset, r: Prediction, model: dict) -> Dataset:
+    """The TID 1500 Imaging Measurement Report of prediction ``r`` (``Predictor.predict``'s ``Prediction``) of ``source`` by
     ``model`` (``Predictor.info``)."""
     source = reference(source)
     name, version, checksum = model_identity(model)
     algorithm = hd.sr.AlgorithmIdentification(name=name, version=version, parameters=[checksum])
-    measurements = [_measurement(PROBABILITY, probability_of(r)), _measurement(THRESHOLD, r["threshold"]),
-                    _measurement(RAW_PROBABILITY, r["probability"])]
-    if r.get("ood_score") is not None:
-        measurements.append(_measurement(OOD_SCORE, r["ood_score"]))
+    measurements = [_measurement(PROBABILITY, probability_of(r)), _measurement(THRESHOLD, r.threshold),
+                    _measurement(RAW_PROBABILITY, r.probability)]
+    if r.ood_score is not None:
+        measurements.append(_measurement(OOD_SCORE, r.ood_score))
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="pneumonia"),
         finding_type=PNEUMONIA, algorithm_id=algorithm, finding_sites=[hd.sr.FindingSite(CHEST)],
         measurements=measurements,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(PNEUMONIA, FINDINGS[r["label"]])],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(PNEUMONIA, FINDINGS[r.label])],
         source_images=[hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)])
-    comments = ([f"not assessed: {r['not_assessed_reason']}"] if r.get("not_assessed_reason") else []) + [
-        f"warning: {w}" for w in r.get("warnings", [])] + [DISCLAIMER]
+    comments = ([f"not assessed: {r.not_assessed_reason}"] if r.not_assessed_reason else []) + [
+        f"warning: {w}" for w in r.warnings] + [DISCLAIMER]
     group[0].ContentSequence.extend(_comment(c) for c in comments)
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -156,11 +156,11 @@ def secondary_capture(source: Dataset, overlay_png: bytes) -> Dataset:
     return sc
 
 
-def result_datasets(source: Dataset, r: dict, model: dict, overlay_png: bytes | None) -> list[Dataset]:
+def result_datasets(source: Dataset, r: Prediction, model: dict, overlay_png: bytes | None) -> list[Dataset]:
     """The SR, and the Secondary Capture when there is an overlay (only for a film labelled PNEUMONIA:
     ``inference.assess.HEATMAP_RULE``); the Secondary Capture carries the label, the probability and the legend."""
     out = [structured_report(source, r, model)]
-    if overlay_png is not None and heatmap_shown(r["label"]):
+    if overlay_png is not None and heatmap_shown(r.label):
         out.append(secondary_capture(source, with_caption(overlay_png, caption_lines(r))))
     return out
 

@@ -1,5 +1,5 @@
 """Calibration on validation data: ECE, Brier, reliability curve; temperature (+ bias) scaling fitted by NLL; and
-``calibrate`` (threshold, temperature and bias of a checkpoint, all from its validation split).
+``fit_calibration_and_threshold`` (threshold, temperature and bias of a checkpoint, all from its validation split).
 
 A calibrated probability is sigmoid(logit / T + b) for a binary model (``inference.runtime.pneumonia_score``)
 and softmax(logits / T) for a multi-class one. The bias corrects the shift a class-weighted loss puts on logits.
@@ -165,7 +165,7 @@ def apply_temperature(logits, temperature: float, bias: float = 0.0) -> np.ndarr
     return pneumonia_score(z[:, None], float(temperature), float(bias or 0.0))
 
 
-def calibrate(logits: np.ndarray, y: np.ndarray, threshold_method: str) -> dict:
+def fit_calibration_and_threshold(logits: np.ndarray, y: np.ndarray, threshold_method: str) -> dict:
     """Threshold (on validation data, on the calibrated pneumonia probability), temperature and (binary) bias."""
     ybin = (y > 0).astype(int)
     if logits.shape[1] > 1:

@@ -10,14 +10,12 @@ from pneumoscope.config import resolve
 from pneumoscope.data.cache import decode_all
 from pneumoscope.data.folders import scan
 from pneumoscope.data.metadata import group_labels
-from pneumoscope.data.quality import image_warnings
 from pneumoscope.data.splits import split_samples
 from pneumoscope.errors import CheckpointError, DatasetLayoutError
 from pneumoscope.evaluation.metrics import binary_metrics, bootstrap_ci
 from pneumoscope.evaluation.report import write_evaluation
 from pneumoscope.inference.adapt import adapt_batch, check_batch
 from pneumoscope.inference.loader import load
-from pneumoscope.inference.runtime import pneumonia_score, softmax
 from pneumoscope.models.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -45,6 +43,10 @@ def evaluation_samples(ckpt: dict, data_dir: str | Path, split: str | None = Non
     """
 
     labels = "binary" if len(ckpt["label_names"]) == 2 else "ternary"
+    if split is None and ckpt.get("cv"):
+        raise CheckpointError("a cross-validated ensemble trained on every film of its data: it has no held-out "
+                              "validation split (its stored metrics are out-of-fold figures); evaluate it on "
+                              "another folder or split (--split test)")
     if split is not None:
         _, samples = select_split(data_dir, None if split == "all" else split, labels)
         return samples, f"{split} images of {data_dir}"
@@ -57,16 +59,15 @@ def evaluation_samples(ckpt: dict, data_dir: str | Path, split: str | None = Non
     return val, f"validation split of the checkpoint: {how}"
 
 
-def assessed_metrics(pred, images_u8: np.ndarray, y: np.ndarray, p: np.ndarray) -> dict:
-    """The metrics on the images the model can assess (inference/assess.py: not blank, not colour, not out of
+def assessed_metrics(preds: list, y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
+    """The metrics on the images the model assessed (each ``Prediction.assessed``: not blank, not colour, not out of
     distribution), ``n_not_assessed`` per class and the flagged share; the top-level figures keep every image."""
-    quality = [image_warnings(u8) for u8 in images_u8]
-    ok = np.array([a.assessed for a in pred.assess(images_u8, quality)])
+    ok = np.array([r.assessed for r in preds])
     out = {"n": int(ok.sum()), "n_not_assessed": {"NORMAL": int((~ok & (y == 0)).sum()),
                                                   "PNEUMONIA": int((~ok & (y == 1)).sum())},
            "not_assessed_fraction": float((~ok).mean())}
     if ok.any():
-        out.update(binary_metrics(y[ok], p[ok], pred.threshold))
+        out.update(binary_metrics(y[ok], p[ok], threshold))
     return out
 
 
@@ -91,7 +92,7 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, out: str | Path, s
         raise DatasetLayoutError(f"{data}: no readable image to evaluate")
     if adapt:
         check_batch(len(keep))  # before any model work
-    logits = pred.logits(d.images[keep])
+    preds = pred.predict(list(d.images[keep]), batch_size=64)  # the same Predictions as `predict` makes
     y = np.array([samples[i].label for i in keep])
     groups = None
     if group_by or metadata:
@@ -102,19 +103,18 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, out: str | Path, s
              "unreadable": [{"path": str(p), "error": m} for p, m in d.errors]}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    T = pred.temperature
     if len(pred.label_names) > 2:
-        P = softmax(logits / (T or 1.0))
+        P = np.array([[r.class_probabilities[n] for n in pred.label_names] for r in preds])
         return write_evaluation(out, y, P, pred.threshold, label_names=list(pred.label_names), extra=extra)
-    p_raw = pneumonia_score(logits)
-    p = pneumonia_score(logits, T, pred.calibration_bias) if T else p_raw
-    assessed = assessed_metrics(pred, d.images[keep], (y > 0).astype(int), p)
+    p = np.array([r.score for r in preds])  # the probability each label comes from (label_from)
+    assessed = assessed_metrics(preds, (y > 0).astype(int), p, pred.threshold)
     adapted = None
     if adapt:
         p_ad, info = adapt_batch(pred, d.images[keep], adapt)
         adapted = {**info, **binary_metrics((y > 0).astype(int), p_ad, pred.threshold),
                    "ci": bootstrap_ci((y > 0).astype(int), p_ad, pred.threshold)}
     return write_evaluation(out, y, p, pred.threshold, label_names=list(pred.label_names),
-                            logits=logits[:, 0], temperature=T, calibration_bias=pred.calibration_bias,
+                            logits=np.array([r.logit for r in preds]), temperature=pred.temperature,
+                            calibration_bias=pred.calibration_bias,
                             val_operating_points=pred.info.get("val_operating_points"),
                             groups=groups, extra=extra, adapted=adapted, assessed=assessed)

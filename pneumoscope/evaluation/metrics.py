@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 
 import numpy as np
 from sklearn.metrics import (
@@ -24,6 +23,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from pneumoscope.config import threshold_target
 from pneumoscope.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -197,19 +197,6 @@ def _group_counts(y: np.ndarray, groups, n_boot: int, rng: np.random.Generator) 
 # ----------------------------------------------------------------------------- thresholds
 
 
-def _parse_method(method: str) -> float | None:
-    """None for "youden", the target for "sensitivity:<float>"; ConfigError otherwise."""
-    if method == "youden":
-        return None
-    m = re.fullmatch(r"sensitivity:\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)", str(method).strip())
-    if m is None or not 0 < float(m.group(1)) <= 1:
-        raise ConfigError(
-            f"unknown threshold method {method!r}: use 'youden' or 'sensitivity:<target in (0, 1]>', "
-            "e.g. 'sensitivity:0.95'"
-        )
-    return float(m.group(1))
-
-
 def _threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float) -> float:
     """The highest threshold whose sensitivity on (y, p) is >= target (thresholds are observed scores)."""
     _, tpr, thr = _roc(y, p)
@@ -225,7 +212,7 @@ def choose_threshold(y, p, method: str = "youden") -> tuple[float, dict]:
     (sklearn's leading `inf` is dropped), so a case is positive when p >= threshold.
     Returns (threshold, {method, threshold, sensitivity, specificity}) measured on the same data.
     """
-    target = _parse_method(method)
+    target = threshold_target(method)
     y, p = binary_inputs(y, p)
     if target is None:
         fpr, tpr, thr = _roc(y, p)

@@ -16,7 +16,6 @@ from pneumoscope.inference.onnx import cached_backend, load_onnx_predictor
 from pneumoscope.inference.predictor import Predictor
 from pneumoscope.inference.runtime import pick_device, pick_precision
 from pneumoscope.models.checkpoint import load_checkpoint, model_from_checkpoint
-from pneumoscope.models.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ def load(checkpoint: str | Path | None = None, device: str = "auto", precision: 
     ood_reference = None
     if ckpt.get("ood_reference"):
         ood_reference = reference_from_dict(ckpt["ood_reference"])
-    pre, amp = Preprocess.from_dict(ckpt["preprocess"]), pick_precision(precision, dev)
+    pre, amp = model.preprocess, pick_precision(precision, dev)
     runtime = None
     if backend == "auto" and dev.type == "cpu" and amp is None and find_spec("onnxruntime") is not None:
         runtime = cached_backend(model, pre, info["checksum"].removeprefix("sha256:")[:32])

@@ -22,6 +22,7 @@ from pneumoscope.inference.embedding import (
     ReferenceSet,
     reference_features,
 )
+from pneumoscope.inference.prediction import Prediction
 from pneumoscope.inference.runtime import pneumonia_score, predict_logits, softmax
 from pneumoscope.models.preprocess import Preprocess
 
@@ -85,8 +86,8 @@ class Predictor:
         return predict_logits(self.model, x, self.preprocess, self.device, self.amp)
 
     def predict(self, items: list, batch_size: int = 16, adapt: str | None = None,
-                quality: list[list[str] | None] | None = None) -> list[dict]:
-        """One dict per input: probability (raw and calibrated), label at the stored threshold (``not assessed``
+                quality: list[list[str] | None] | None = None) -> list[Prediction]:
+        """One ``Prediction`` per input: probability (raw and calibrated), label at the stored threshold (``not assessed``
         with ``not_assessed_reason`` when the model cannot assess the image: inference/assess.py), ``warnings``,
         ``ood_score`` and ``out_of_distribution``; or an error.
 
@@ -104,23 +105,21 @@ class Predictor:
             except (ImageReadError, OSError) as e:  # OSError: missing, unreadable, a link loop, ...
                 return e
 
-        results: list[dict] = []
+        results: list[Prediction] = []
         ready: list[tuple[int, np.ndarray]] = []
         paths = sum(isinstance(x, (str, Path)) for x in items)
         with ThreadPoolExecutor(max_workers=DECODE_THREADS if paths > 1 else 1) as pool:  # Pillow frees the GIL
             decoded = list(pool.map(read, range(len(items))))
         for i, (item, it) in enumerate(zip(items, decoded)):
-            name = str(item) if isinstance(item, (str, Path)) else f"array[{i}]"
-            r: dict = {"path": name}
+            r = Prediction(path=str(item) if isinstance(item, (str, Path)) else f"array[{i}]")
             if isinstance(item, (str, Path)):
-                r["patient_id"] = patient_id_from_name(Path(item).name)
+                r.patient_id = patient_id_from_name(Path(item).name)
             if isinstance(it, Exception):
-                r["error"] = os_error_message(name, it) if isinstance(it, OSError) else str(it)
-                log.warning("cannot read %s", r["error"])
+                r.error = os_error_message(r.path, it) if isinstance(it, OSError) else str(it)
+                log.warning("cannot read %s", r.error)
             else:
-                if it.meta.get("patient_id"):
-                    r["patient_id"] = it.meta["patient_id"]
-                r["warnings"] = list(known[i]) if known[i] is not None else list(it.quality)
+                r.patient_id = it.meta.get("patient_id") or r.patient_id
+                r.warnings = list(known[i]) if known[i] is not None else list(it.quality)
                 ready.append((i, it.model_u8))
             results.append(r)
         if adapt:
@@ -129,33 +128,30 @@ class Predictor:
             chunk = ready[start:start + batch_size]
             batch = np.stack([u for _, u in chunk])
             logits = self.logits(batch)
-            for (i, _), a in zip(chunk, self.assess(batch, [results[i]["warnings"] for i, _ in chunk])):
-                results[i].update(warnings=a.warnings, ood_score=a.ood_score, out_of_distribution=a.out_of_distribution)
-                if not a.assessed:
-                    results[i]["not_assessed_reason"] = a.reason
+            assessments = self.assess(batch, [results[i].warnings for i, _ in chunk])
             raw = pneumonia_score(logits)
-            cal = pneumonia_score(logits, self.temperature, self.calibration_bias) if self.temperature else raw
-            for (i, _), lg, p_raw, p_cal in zip(chunk, logits, raw, cal):
+            cal = pneumonia_score(logits, self.temperature, self.calibration_bias) if self.temperature else None
+            for k, ((i, _), a, lg) in enumerate(zip(chunk, assessments, logits)):
                 r = results[i]
-                r["probability"] = float(p_raw)
-                r["calibrated_probability"] = float(p_cal) if self.temperature else None
-                score = p_cal if self.temperature else p_raw
-                r["label"] = ("PNEUMONIA" if score >= self.threshold else "NORMAL") if "not_assessed_reason" not in r \
-                    else NOT_ASSESSED
-                r["label_from"] = "calibrated_probability" if self.temperature else "probability"  # >= threshold
-                r["threshold"] = self.threshold
+                r.warnings, r.ood_score, r.out_of_distribution = a.warnings, a.ood_score, a.out_of_distribution
+                r.not_assessed_reason = a.reason
+                r.probability = float(raw[k])
+                r.logit = float(lg[0]) if len(lg) == 1 else None
+                r.calibrated_probability = None if cal is None else float(cal[k])
+                r.label_from = "probability" if cal is None else "calibrated_probability"  # >= threshold
+                r.threshold = self.threshold
+                r.label = NOT_ASSESSED if not a.assessed else ("PNEUMONIA" if r.score >= self.threshold else "NORMAL")
                 if len(self.label_names) > 2:
                     probs = softmax(lg[None] / (self.temperature or 1.0))[0]
-                    r["class_probabilities"] = {n: float(q) for n, q in zip(self.label_names, probs)}
-                    r["predicted_class"] = self.label_names[int(probs.argmax())]
+                    r.class_probabilities = {n: float(q) for n, q in zip(self.label_names, probs)}
+                    r.predicted_class = self.label_names[int(probs.argmax())]
         if adapt and ready:
             p, info = adapt_batch(self, np.stack([u for _, u in ready]), adapt)
             for (i, _), q in zip(ready, p):
                 r = results[i]
-                r["adapted_probability"], r["adaptation"] = float(q), adapt
-                if r["label"] != NOT_ASSESSED:
-                    r["label"] = "PNEUMONIA" if q >= self.threshold else "NORMAL"
-                r["label_from"] = "adapted_probability"
-                r["warnings"].append(f"label from the probability adapted to this batch of {info['n']} images "
-                                     f"(--adapt-to-batch {adapt}); calibrated_probability is the plain model's")
+                r.adapted_probability, r.adaptation, r.label_from = float(q), adapt, "adapted_probability"
+                if r.label != NOT_ASSESSED:
+                    r.label = "PNEUMONIA" if q >= self.threshold else "NORMAL"
+                r.warnings.append(f"label from the probability adapted to this batch of {info['n']} images "
+                                  f"(--adapt-to-batch {adapt}); calibrated_probability is the plain model's")
         return results

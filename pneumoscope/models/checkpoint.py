@@ -16,6 +16,7 @@ import torch
 
 from pneumoscope import __version__
 from pneumoscope.errors import CheckpointError
+from pneumoscope.models.preprocess import Preprocess
 from pneumoscope.models.registry import rebuild
 
 FORMAT = "pneumoscope-checkpoint"
@@ -77,8 +78,11 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
-    """Rebuild the architecture from ``arch`` and load the weights (fp16 weights are cast back to fp32)."""
+    """Rebuild the architecture from ``arch``, load the weights (fp16 weights are cast back to fp32) and give it the
+    checkpoint's own preprocessing (``preprocess``: input size, normalisation and intensity standardisation), so no
+    caller patches it."""
     model = rebuild(ckpt["arch"])
+    model.preprocess = Preprocess.from_dict(ckpt["preprocess"])
     state = {k: (v.float() if torch.is_floating_point(v) else v) for k, v in ckpt["state_dict"].items()}
     model.load_state_dict(state)
     return model.eval()

@@ -56,11 +56,31 @@ class Ensemble(nn.Module):
             x = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
         return (x - pre.mean[0]) / pre.std[0]
 
+    def member_probability(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Member ``i``'s calibrated probability (N, 1) of the ensemble's input ``x``."""
+        m, t, b = self.members[i], self.temperatures[i], self.biases[i]
+        return torch.sigmoid(m(self.member_input(x, i)).float()[:, :1] / t + b)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = [torch.sigmoid(m(self.member_input(x, i)).float()[:, :1] / t + b)
-                 for i, (m, t, b) in enumerate(zip(self.members, self.temperatures, self.biases))]
-        p = torch.stack(probs).mean(0).clamp(1e-6, 1 - 1e-6)
-        return torch.log(p) - torch.log1p(-p)
+        p = torch.stack([self.member_probability(x, i) for i in range(len(self.members))]).mean(0)
+        return logit(p)
+
+
+class OneMember(nn.Module):
+    """Member ``i`` of an ensemble seen like the ensemble (same input, logit of its calibrated probability): the
+    out-of-fold predictions of a cross-validated ensemble (studies/ensemble.py)."""
+
+    def __init__(self, ensemble: Ensemble, i: int) -> None:
+        super().__init__()
+        self.ensemble, self.i, self.preprocess = ensemble, i, ensemble.preprocess
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return logit(self.ensemble.member_probability(x, self.i))
+
+
+def logit(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(1e-6, 1 - 1e-6)
+    return torch.log(p) - torch.log1p(-p)
 
 
 def from_arch(arch: dict, rebuild_member) -> Ensemble:

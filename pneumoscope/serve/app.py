@@ -38,12 +38,13 @@ from starlette.concurrency import run_in_threadpool
 from pneumoscope.data.images import read_image_bytes, resize_uint8, to_uint8
 from pneumoscope.inference.assess import HEATMAP_RULE, WORKLIST_RULE, heatmap_shown
 from pneumoscope.inference.loader import load
+from pneumoscope.inference.prediction import Prediction
 from pneumoscope.inference.predictor import Predictor
 from pneumoscope.serve.problems import known_query_only, responses
 from pneumoscope.serve.security import PAGE_CSP, REPORT_CSP, Guard, api_key_header
 from pneumoscope.serve.study_report import build_report, render_html
 from pneumoscope.serve.uploads import add_upload_error_handlers, decode_upload
-from pneumoscope.serve.worker import ModelWorker
+from pneumoscope.serve.worker import ModelWorker, Scored
 from pneumoscope.studydb.db import ModelRecord, PredictionRecord, StudyDB
 from pneumoscope.studydb.records import Upload, heatmap_overlay, prediction_record
 from pneumoscope.trust.explain import heatmaps
@@ -91,7 +92,7 @@ class Service:
     def size(self) -> int:
         return self.predictor.preprocess.input_size
 
-    def record(self, u: Upload, r: dict, latency_ms: float, png: bytes | None) -> PredictionRecord:
+    def record(self, u: Upload, r: Prediction, latency_ms: float, png: bytes | None) -> PredictionRecord:
         """The database rows of one predicted upload (identifiers pseudonymised when the service does that)."""
         return prediction_record(u, r, latency_ms, png, self.pseudonymize_salt)
 
@@ -129,9 +130,9 @@ class Service:
         png = await run_in_threadpool(self.db.study_image, study_id)
         view = to_uint8((await run_in_threadpool(read_image_bytes, png, "study.png"))[0])
         result = (await asyncio.wrap_future(self.worker.submit([resize_uint8(view, self.size)], heatmaps=True)))[0]
-        if result["heat"] is None:
+        if result.heat is None:
             return None
-        overlay = await run_in_threadpool(heatmap_overlay, view, result["heat"])
+        overlay = await run_in_threadpool(heatmap_overlay, view, result.heat)
         await run_in_threadpool(self.db.set_heatmap, prediction["id"], overlay)
         return overlay
 
@@ -219,41 +220,42 @@ def _predict_route(svc: Service) -> APIRouter:
         results = await asyncio.wrap_future(svc.worker.submit([d.model_u8 for d in decoded], heatmaps=heatmap,
                                                               quality=[d.quality for d in decoded]))
         t.append(time.perf_counter())
-        overlays = [None if r["heat"] is None else await run_in_threadpool(heatmap_overlay, d.view_u8, r["heat"])
+        overlays = [None if r.heat is None else await run_in_threadpool(heatmap_overlay, d.view_u8, r.heat)
                     for d, r in zip(decoded, results)]
         t.append(time.perf_counter())
         latency_ms = (t[-1] - t[0]) * 1000.0
-        records = [svc.record(d, r, latency_ms, png) for d, r, png in zip(decoded, results, overlays)]
+        records = [svc.record(d, r.prediction, latency_ms, png) for d, r, png in zip(decoded, results, overlays)]
         stored = await run_in_threadpool(svc.db.add_predictions, records, svc.model)
         t.append(time.perf_counter())
         stages = ("decode", "model", "overlay", "db")  # the model stage includes the wait for the model thread
         response.headers["Server-Timing"] = ", ".join(f"{n};dur={(b - a) * 1000:.1f}"
                                                       for n, a, b in zip(stages, t, t[1:]))
         out = [_result(d, e, r, s) for d, e, r, s in zip(decoded, records, results, stored)]
-        site = svc.site_warning([bool(r.get("out_of_distribution")) for r in results])
+        site = svc.site_warning([bool(r.prediction.out_of_distribution) for r in results])
         return {"model": {"name": svc.model.name, "version": svc.model.version, "checksum": svc.model.checksum},
                 "latency_ms": latency_ms, "results": out, "site_warning": site}
 
     return router
 
 
-def _result(d: Upload, e: PredictionRecord, r: dict, s: dict) -> dict:
-    """The answer for one uploaded file."""
+def _result(d: Upload, e: PredictionRecord, scored: Scored, s: dict) -> dict:
+    """The answer for one uploaded file: the fields of its ``Prediction`` and where the study is kept."""
+    r = scored.prediction
     warnings = list(e.study.warnings)
     if s["duplicate"]:
         warnings.append("this file was received before: the result is added to the existing study")
-    if r.get("heat_error"):
-        warnings.append(r["heat_error"])
+    if scored.heat_error:
+        warnings.append(scored.heat_error)
     sid = s["study_id"]
     return {
         "filename": d.name, "study_id": sid, "prediction_id": s["prediction_id"], "duplicate": s["duplicate"],
-        "format": e.study.format, "modality": e.study.modality, "probability": e.probability,
-        "calibrated_probability": e.calibrated_probability, "label": e.label, "threshold": e.threshold,
-        "label_from": "probability" if e.calibrated_probability is None else "calibrated_probability",
+        "format": e.study.format, "modality": e.study.modality, "probability": r.probability,
+        "calibrated_probability": r.calibrated_probability, "label": r.label, "threshold": r.threshold,
+        "label_from": r.label_from,
         "heatmap_png_base64": None if e.heatmap_png is None else base64.b64encode(e.heatmap_png).decode(),
         "image_url": f"/studies/{sid}/image.png", "heatmap_url": f"/studies/{sid}/heatmap.png",
-        "report_url": f"/studies/{sid}/report", "warnings": warnings, "ood_score": r.get("ood_score"),
-        "out_of_distribution": r.get("out_of_distribution"), "not_assessed_reason": r.get("not_assessed_reason"),
+        "report_url": f"/studies/{sid}/report", "warnings": warnings, "ood_score": r.ood_score,
+        "out_of_distribution": r.out_of_distribution, "not_assessed_reason": r.not_assessed_reason,
     }
 
 

@@ -117,8 +117,7 @@ REPORT_SCHEMA: dict = {
 
 def _threshold(prediction: dict, model_info: dict) -> dict:
     info = prediction.get("threshold_info") or model_info.get("threshold_info")
-    applies_to = "calibrated_probability" if prediction.get("calibrated_probability") is not None else "probability"
-    out = {"value": float(prediction["threshold"]), "applies_to": applies_to}
+    out = {"value": float(prediction["threshold"]), "applies_to": prediction["label_from"]}
     if info:
         out.update(method=str(info.get("method", "unknown")),
                    chosen_on="validation split of the training data (patient-level), never the test data",
@@ -131,7 +130,8 @@ def _threshold(prediction: dict, model_info: dict) -> dict:
 def build_report(study: dict, prediction: dict, model_info: dict, heatmap_png: bytes | None,
                  warnings: list[str], reviews: list[dict] | None = None) -> dict:
     """The report of ``study`` (a ``StudyDB.study`` row) and its ``prediction`` (a ``StudyDB.latest_prediction``
-    row, or a dict with probability, calibrated_probability, label, threshold, created).
+    row, or a dict with probability, calibrated_probability, label, label_from, threshold, created): the label and
+    the probability it comes from are the predictor's (``Prediction``), stored, never re-derived here.
 
     ``model_info``: ``name, version, checksum`` and ``threshold_info`` (``Predictor.info``); the prediction's own
     ``model_*`` / ``threshold_info`` fields win when present, so an old prediction keeps the model that made it.
@@ -152,7 +152,7 @@ def build_report(study: dict, prediction: dict, model_info: dict, heatmap_png: b
             "probability": float(prediction["probability"]),
             "calibrated_probability": None if calibrated is None else float(calibrated),
             "label": prediction["label"], "positive_label": "PNEUMONIA",
-            "label_from": "probability" if calibrated is None else "calibrated_probability",
+            "label_from": prediction["label_from"],
             "predicted": prediction.get("created") or study["received"],
             "latency_ms": prediction.get("latency_ms"),
         },

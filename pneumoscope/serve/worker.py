@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pneumoscope.inference.assess import heatmap_shown
+from pneumoscope.inference.prediction import Prediction
 from pneumoscope.trust.explain import heatmaps
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,15 @@ class _Job:
     heatmaps: bool
     quality: list[list[str]] | None
     future: Future = field(default_factory=Future)
+
+
+@dataclass
+class Scored:
+    """One image of a batch: its prediction and, when asked for and shown (HEATMAP_RULE), its Grad-CAM map."""
+
+    prediction: Prediction
+    heat: np.ndarray | None = None
+    heat_error: str | None = None
 
 
 class ModelWorker:
@@ -39,8 +49,8 @@ class ModelWorker:
 
     def submit(self, images: list[np.ndarray], heatmaps: bool = False,
                quality: list[list[str]] | None = None) -> Future:
-        """A future of one dict per image: ``Predictor.predict``'s fields plus ``heat`` (S, S) or None and
-        ``heat_error`` when the heatmap could not be computed."""
+        """A future of one ``Scored`` per image: the ``Prediction``, its Grad-CAM map ``heat`` (S, S) or None, and
+        ``heat_error`` when the map could not be computed."""
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="pneumoscope-model", daemon=True)
@@ -85,26 +95,21 @@ class ModelWorker:
             for j, r in zip(jobs, per_job):
                 j.future.set_result(r)
 
-    def _compute(self, jobs: list[_Job]) -> list[list[dict]]:
+    def _compute(self, jobs: list[_Job]) -> list[list[Scored]]:
         images = [im for j in jobs for im in j.images]
         quality = [q for j in jobs for q in (j.quality or [None] * len(j.images))]
-        results = self.predictor.predict(images, quality=quality)
+        results = [Scored(p) for p in self.predictor.predict(images, quality=quality)]
         owners = [j for j in jobs for _ in j.images]
         # a map only for a film labelled PNEUMONIA (inference.assess.HEATMAP_RULE)
-        wanted = [i for i, j in enumerate(owners) if j.heatmaps and heatmap_shown(results[i].get("label", ""))]
-        heat: dict[int, np.ndarray] = {}
-        heat_error = None
+        wanted = [i for i, j in enumerate(owners) if j.heatmaps and heatmap_shown(results[i].prediction.label or "")]
         if wanted:
             try:
-                maps = heatmaps(self.predictor, np.stack([images[i] for i in wanted]))
-                heat = dict(zip(wanted, maps))
+                for i, m in zip(wanted, heatmaps(self.predictor, np.stack([images[i] for i in wanted]))):
+                    results[i].heat = m
             except Exception as e:  # noqa: BLE001 - a missing heatmap must not fail the prediction itself
                 log.exception("Grad-CAM failed for a batch of %d image(s)", len(wanted))
-                heat_error = f"heatmap unavailable ({type(e).__name__}: {e})"
-        for i, r in enumerate(results):
-            r["heat"] = heat.get(i)
-            if i in wanted and i not in heat:
-                r["heat_error"] = heat_error
+                for i in wanted:
+                    results[i].heat_error = f"heatmap unavailable ({type(e).__name__}: {e})"
         out, start = [], 0
         for j in jobs:
             out.append(results[start:start + len(j.images)])

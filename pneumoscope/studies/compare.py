@@ -24,7 +24,6 @@ from pneumoscope.inference.runtime import (
     predict_logits,
 )
 from pneumoscope.models.checkpoint import load_checkpoint, model_from_checkpoint
-from pneumoscope.models.preprocess import Preprocess
 from pneumoscope.training.data import decode
 from pneumoscope.training.loop import train
 
@@ -83,7 +82,7 @@ def compare(base: TrainConfig, models: list[str], out: str | Path, tta: bool = F
         m = train(cfg)
         ck = load_checkpoint(Path(m["run_dir"]) / "best.pt")
         model = model_from_checkpoint(ck).to(device).to(memory_format=torch.channels_last)
-        pre = Preprocess.from_dict(ck["preprocess"])
+        pre = model.preprocess  # the checkpoint's (model_from_checkpoint)
         va = decode(val_s, pre.input_size, cfg, show=False)
         va.x = torch.from_numpy(pre.standardise(va.x.numpy()))  # as training and the predictor do
         y = (va.y.numpy() > 0).astype(int)

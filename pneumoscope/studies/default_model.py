@@ -1,9 +1,15 @@
 """Build the bundled default model: train with ``resources/default_model.yaml``, fit its out-of-distribution
 reference on its own training images, and pack best.pt as fp16 into the package (``inference/default_model.py``).
 
-The YAML is either a training config (one model) or an ensemble recipe, ``ensemble: [member.yaml, ...]`` (paths
-relative to the YAML's folder): each member is trained into ``out/<member stem>/`` and the members are combined by
-``studies.ensemble.build`` (calibration and threshold fitted on their shared validation split)."""
+The YAML is one of:
+- a training config (one model);
+- an ensemble recipe, ``ensemble: [member.yaml, ...]`` (paths relative to the YAML's folder): each member is trained
+  into ``out/<member stem>/`` and the members are combined by ``studies.ensemble.build`` (calibration and threshold
+  fitted on their shared validation split);
+- a cross-validated recipe, ``cross_validate: member.yaml`` + ``folds: k`` (+ training keys that override the
+  member's, e.g. ``precision: fp32``): the member recipe is trained k times, ``fold: i/k`` into
+  ``out/<member stem>-fold<i>/``, and combined by ``studies.ensemble.build_cv`` (out-of-fold calibration, threshold
+  and metrics over every training film)."""
 from __future__ import annotations
 
 import time
@@ -11,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from pneumoscope.config import check_value
 from pneumoscope.errors import ConfigError
 from pneumoscope.inference.default_model import (
     DEFAULT_CONFIG,
@@ -41,13 +48,49 @@ def ensemble_members(config: str | Path) -> list[Path] | None:
     return members
 
 
+def cv_recipe(config: str | Path) -> tuple[Path, int, dict] | None:
+    """(member recipe, k, overrides) of a cross-validated recipe YAML, or None for any other YAML."""
+    p = Path(config)
+    try:
+        d = yaml.safe_load(p.read_text()) if p.is_file() else None
+    except yaml.YAMLError:
+        return None
+    if not (isinstance(d, dict) and "cross_validate" in d):
+        return None
+    k = d.pop("folds", None)
+    member = (p.parent / str(d.pop("cross_validate"))).resolve()
+    if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= 20:
+        raise ConfigError(f"{p}: folds={k!r} is invalid: a cross-validated recipe needs folds: k with 2 <= k <= 20")
+    if not member.is_file():
+        raise ConfigError(f"{p}: member recipe {member} not found")
+    if "fold" in d or "out" in d or "data" in d:
+        raise ConfigError(f"{p}: fold, out and data are set per member by the build; remove them from the recipe")
+    return member, k, {key: check_value(key, v, f"config file {p}: value") for key, v in d.items()}
+
+
+def train_cv(config: str | Path, data: str | Path, out: str | Path) -> list[Path]:
+    """Train the k fold runs of a cross-validated recipe into ``out/<member stem>-fold<i>/`` (a finished run, one
+    with metrics.json, is kept); return their best.pt files."""
+    member, k, over = cv_recipe(config)
+    runs = []
+    for i in range(1, k + 1):
+        run = Path(out) / f"{member.stem}-fold{i}"
+        if not ((run / "metrics.json").is_file() and (run / "best.pt").is_file()):
+            train(str(member), data=str(data), out=str(run), fold=f"{i}/{k}", **over)
+        runs.append(run / "best.pt")
+    return runs
+
+
 def build(data: str | Path, out: str | Path = "runs/default_model", config: str | Path | None = None,
           dest: str | Path | None = None) -> dict:
     """Train the default model on ``data`` and pack it into the package resources."""
     t0 = time.perf_counter()
     config = Path(config or DEFAULT_CONFIG)
     members = ensemble_members(config)
-    if members is None:
+    if cv_recipe(config) is not None:
+        best = Path(out) / "ensemble.pt"
+        metrics = ensemble.build_cv(train_cv(config, data, out), data, best)
+    elif members is None:
         metrics = train(str(config), data=str(data), out=str(out))
         best = Path(metrics["run_dir"]) / "best.pt"
     else:

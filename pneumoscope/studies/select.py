@@ -46,6 +46,7 @@ from pneumoscope.evaluation.metrics import (
 from pneumoscope.inference.loader import load
 from pneumoscope.inference.runtime import pneumonia_score
 from pneumoscope.models.checkpoint import load_checkpoint
+from pneumoscope.studies.ensemble import member_folds, oof_logits, oof_predictions
 from pneumoscope.trust.explain import heatmaps
 from pneumoscope.trust.shift import apply
 
@@ -105,9 +106,8 @@ def _probe(predictor, folder: Path) -> tuple[np.ndarray, np.ndarray] | None:
     else:  # positives only (hannover): PNEUMONIA/ without NORMAL/, which scan() rejects
         samples = [(p, 1) for p in expand_paths([folder / "PNEUMONIA"])]
     res = predictor.predict([p for p, _ in samples])
-    ok = [i for i, r in enumerate(res) if "error" not in r]
-    p = np.array([res[i]["calibrated_probability"] if res[i]["calibrated_probability"] is not None
-                  else res[i]["probability"] for i in ok])
+    ok = [i for i, r in enumerate(res) if r.error is None]
+    p = np.array([res[i].score for i in ok])
     y = np.array([samples[i][1] for i in ok])
     return y, p
 
@@ -140,25 +140,43 @@ def _row_metrics(y_val, p_val, p_shift: list[np.ndarray], probes: dict, threshol
         mh, ch = binary_metrics(*hn, threshold), bootstrap_ci(*hn, threshold, n_boot=N_BOOT)
         r.update(hannover_sensitivity=mh["sensitivity"], hannover_sensitivity_ci=ch["sensitivity"],
                  n_hannover=int(len(hn[0])))
+    site = probes.get("site")
+    if site is not None:
+        ms, cs = binary_metrics(*site, threshold), bootstrap_ci(*site, threshold, n_boot=N_BOOT)
+        r.update(site_auc=ms["auc"], site_auc_ci=cs["auc"], site_sensitivity=ms["sensitivity"],
+                 site_specificity=ms["specificity"], n_site=int(len(site[0])))
     parts = [r.get("val_auc"), r.get("shift_auc"), r.get("actualmed_auc")]
     r["score"] = None if any(v is None for v in parts) else float(min(parts))
     return r
 
 
 def score_checkpoint(ckpt_path: str | Path, data_dir: str | Path, external_dir: str | Path | None,
-                     gradcam_n: int = 200, seed: int = 0, keep_probabilities: bool = False) -> dict:
+                     gradcam_n: int = 200, seed: int = 0, keep_probabilities: bool = False,
+                     site_dir: str | Path | None = None) -> dict:
     """Every column of the selection table for one checkpoint (see the module docstring)."""
     ckpt_path = Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
     predictor = load(ckpt_path, device="cpu")
-    images, y, paths, how = _val_images(ckpt, predictor, data_dir)
-    p_val = _probs(predictor, predictor.logits(images))
+    if ckpt.get("cv"):  # a cross-validated ensemble: every training film, scored by the member that never saw it
+        o = oof_predictions(predictor.model, member_folds(ckpt, data_dir))
+        images, y, paths = o["images"], o["y"], o["paths"]
+        how = f"out-of-fold over every training film ({ckpt['cv']['folds']} patient folds)"
+
+        def probs(u8):
+            return pneumonia_score(oof_logits(predictor.model, u8, o["fold"]), predictor.temperature,
+                                   predictor.calibration_bias)
+    else:
+        images, y, paths, how = _val_images(ckpt, predictor, data_dir)
+
+        def probs(u8):
+            return _probs(predictor, predictor.logits(u8))
+    p_val = probs(images)
     log.info("%s: %d validation images scored; moderate shifts next", ckpt_path, len(y))
-    p_shift = [_probs(predictor, predictor.logits(apply(n, images, s, seed=seed)))
-               for n, ss in MODERATE_SHIFTS.items() for s in ss]
+    p_shift = [probs(apply(n, images, s, seed=seed)) for n, ss in MODERATE_SHIFTS.items() for s in ss]
     ext = Path(external_dir) if external_dir else None
     log.info("%s: shifts done; probes next", ckpt_path)
     probes = {k: _probe(predictor, ext / k) if ext else None for k in ("actualmed", "hannover")}
+    probes["site"] = _probe(predictor, Path(site_dir)) if site_dir else None
     log.info("%s: probes done; Grad-CAM next", ckpt_path)
     row = {"name": ckpt_path.parent.name, "checkpoint": str(ckpt_path), "model": ckpt["arch"]["name"],
            "input_size": predictor.preprocess.input_size, "intensity": predictor.preprocess.intensity,
@@ -217,25 +235,27 @@ def rank(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def _cached_score(c, data_dir, external_dir, gradcam_n: int, cache_dir) -> dict:
+def _cached_score(c, data_dir, external_dir, gradcam_n: int, cache_dir, site_dir=None) -> dict:
     """score_checkpoint, memoised in ``cache_dir`` by checkpoint content, data/probe folders and gradcam_n."""
     if not cache_dir:
-        return score_checkpoint(c, data_dir, external_dir, gradcam_n=gradcam_n, keep_probabilities=True)
+        return score_checkpoint(c, data_dir, external_dir, gradcam_n=gradcam_n, keep_probabilities=True,
+                                site_dir=site_dir)
     key = hashlib.sha256(f"{file_digest(c)}|{Path(data_dir).resolve()}|{external_dir and Path(external_dir).resolve()}|"
-                         f"{gradcam_n}".encode()).hexdigest()[:16]
+                         f"{gradcam_n}|{site_dir and Path(site_dir).resolve()}".encode()).hexdigest()[:16]
     f = Path(cache_dir) / f"{Path(c).parent.name}-{key}.pkl"
     if f.is_file():
         return pickle.loads(f.read_bytes())
-    row = score_checkpoint(c, data_dir, external_dir, gradcam_n=gradcam_n, keep_probabilities=True)
+    row = score_checkpoint(c, data_dir, external_dir, gradcam_n=gradcam_n, keep_probabilities=True, site_dir=site_dir)
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_bytes(pickle.dumps(row))
     return row
 
 
 def select(checkpoints: list[str | Path], data_dir, external_dir, ensemble: bool | list[list[int]] = False,
-           gradcam_n: int = 200, cache_dir: str | Path | None = None) -> list[dict]:
-    """Rows of every checkpoint (+ ensemble rows: ``True`` = all members, or lists of member indices), ranked."""
-    rows = [_cached_score(c, data_dir, external_dir, gradcam_n, cache_dir) for c in checkpoints]
+           gradcam_n: int = 200, cache_dir: str | Path | None = None, site_dir: str | Path | None = None) -> list[dict]:
+    """Rows of every checkpoint (+ ensemble rows: ``True`` = all members, or lists of member indices), ranked.
+    ``site_dir``: a labelled folder of another hospital scored zero-shot (measured only, never fitted on)."""
+    rows = [_cached_score(c, data_dir, external_dir, gradcam_n, cache_dir, site_dir) for c in checkpoints]
     groups = [list(range(len(rows)))] if ensemble is True else (ensemble or [])
     for g in groups:
         if len(g) >= 2:
@@ -265,7 +285,7 @@ def train_recipes(recipes: list[Path], data_dir, runs_dir) -> list[Path]:
     An ensemble recipe (``ensemble: [member.yaml, ...]``, studies/default_model.py) trains its members the same way
     and combines them into ``runs_dir/<yaml stem>/best.pt`` (studies/ensemble.py)."""
     from pneumoscope.studies import ensemble
-    from pneumoscope.studies.default_model import ensemble_members
+    from pneumoscope.studies.default_model import cv_recipe, ensemble_members, train_cv
     from pneumoscope.training.loop import train
 
     out = []
@@ -274,6 +294,9 @@ def train_recipes(recipes: list[Path], data_dir, runs_dir) -> list[Path]:
         members = ensemble_members(r)
         if (run / "metrics.json").is_file() and (run / "best.pt").is_file():
             log.info("%s: finished run found in %s; not retrained", r, run)
+        elif cv_recipe(r) is not None:
+            m = ensemble.build_cv(train_cv(r, data_dir, runs_dir), data_dir, run / "best.pt")
+            (run / "metrics.json").write_text(json.dumps(m, indent=2))
         elif members:
             parts = train_recipes(members, data_dir, runs_dir)
             m = ensemble.build(parts, data_dir, run / "best.pt")
@@ -300,7 +323,7 @@ def _ci(v, ci, nd=3) -> str:
 def markdown_table(rows: list[dict]) -> str:
     head = ("| candidate | score = min(a,b,c) | (a) val AUC [95 % CI] | (b) mean AUC, 12 moderate shifts [CI] | "
             "(c) actualmed AUC [CI] | actualmed sens / spec | hannover sens [CI] | val sens / spec | "
-            "shifted sens / spec | ECE | Grad-CAM lung-box mass | train wall |")
+            "shifted sens / spec | site AUC, zero-shot [CI] | ECE | Grad-CAM lung-box mass | train wall |")
     lines = [head, "|" + " --- |" * head.count(" | ") + " --- |"]
     for r in rows:
         wall = r.get("train_wall_s")
@@ -312,6 +335,7 @@ def markdown_table(rows: list[dict]) -> str:
             _ci(r.get("hannover_sensitivity"), r.get("hannover_sensitivity_ci")),
             f"{_f(r.get('val_sensitivity'))} / {_f(r.get('val_specificity'))}",
             f"{_f(r.get('shift_sensitivity'))} / {_f(r.get('shift_specificity'))}",
+            _ci(r.get("site_auc"), r.get("site_auc_ci")),
             _f(r.get("ece")), _f(r.get("lung_box_mass")),
             f"{wall / 60:.1f} min" if wall else "-"]) + " |")
     lines.append("")

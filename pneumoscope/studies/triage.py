@@ -75,11 +75,11 @@ def triage(data: str | Path, out: str | Path, checkpoint: str | Path | None = No
     else:
         raise ConfigError(f"--split {split!r} is invalid: use validation, or leave it out for every film of --data")
     results = predictor.predict([s.path for s in samples])
-    ok = [(s, r) for s, r in zip(samples, results) if "error" not in r]
+    ok = [(s, r) for s, r in zip(samples, results) if r.error is None]
     y = np.array([s.label for s, _ in ok])
     rng = np.random.default_rng(seed)
     arrival = np.sort(rng.uniform(0, hours, len(ok)))[rng.permutation(len(ok))]
-    keys = [reading_key(r["label"], r.get("calibrated_probability") or r["probability"], a)
+    keys = [reading_key(r.label, r.score, a)
             for (_, r), a in zip(ok, arrival)]
     arrival_rate = len(ok) / hours
     rows, waits = [], {}
@@ -91,7 +91,7 @@ def triage(data: str | Path, out: str | Path, checkpoint: str | Path | None = No
             waits[(mult, policy)] = wait[y == 1]
             rows.append({"reading_rate_per_h": rate, "rate_vs_arrivals": mult, "policy": policy,
                          "pneumonia": _stats(wait[y == 1], pos[y == 1]), "normal": _stats(wait[y == 0], pos[y == 0])})
-    labels = [r["label"] for _, r in ok]
+    labels = [r.label for _, r in ok]
     report = {"data": str(data), "films": len(ok), "pneumonia": int(y.sum()), "hours": hours,
               "arrivals_per_h": arrival_rate, "seed": seed, "rule": WORKLIST_RULE,
               "labels": {k: labels.count(k) for k in sorted(set(labels))}, "model": predictor.info["checkpoint"],

@@ -66,6 +66,7 @@ class PredictionRecord:
     calibrated_probability: float | None
     threshold: float
     label: str
+    label_from: str  # the probability the label compares with the threshold (Prediction.label_from)
     latency_ms: float
     heatmap_png: bytes | None = None
 
@@ -117,7 +118,7 @@ def _row(r) -> dict | None:
 _STUDY_COLUMNS = ("s.id, s.patient_id, coalesce(pt.pseudonymized, 0) AS pseudonymized, s.received, s.sha256, s.format, "
                   "s.modality, s.manufacturer, s.device_model, s.width, s.height, s.warnings, s.filename")
 _PREDICTION_COLUMNS = ("id, study_id, model_name, model_version, model_checksum, probability, calibrated_probability, "
-                       "threshold, threshold_info, label, latency_ms, created, "
+                       "threshold, threshold_info, label, label_from, latency_ms, created, "
                        "CASE WHEN heatmap_png IS NULL THEN 0 ELSE 1 END AS has_heatmap")
 _INSERT_STUDY = text(
     "INSERT INTO studies (id, patient_id, received, sha256, format, modality, manufacturer, device_model, width, "
@@ -126,9 +127,9 @@ _INSERT_STUDY = text(
     "ON CONFLICT DO NOTHING RETURNING id")
 _INSERT_PREDICTION = text(
     "INSERT INTO predictions (study_id, model_name, model_version, model_checksum, probability, "
-    "calibrated_probability, threshold, threshold_info, label, latency_ms, created, heatmap_png) "
+    "calibrated_probability, threshold, threshold_info, label, label_from, latency_ms, created, heatmap_png) "
     "VALUES (:study_id, :model_name, :model_version, :model_checksum, :probability, :calibrated_probability, "
-    ":threshold, :threshold_info, :label, :latency_ms, :created, :heatmap_png) RETURNING id")
+    ":threshold, :threshold_info, :label, :label_from, :latency_ms, :created, :heatmap_png) RETURNING id")
 
 
 class StudyDB:
@@ -258,7 +259,8 @@ class StudyDB:
                 "study_id": study_id, "model_name": model.name, "model_version": model.version,
                 "model_checksum": model.checksum, "probability": e.probability,
                 "calibrated_probability": e.calibrated_probability, "threshold": e.threshold,
-                "threshold_info": json.dumps(model.threshold_info), "label": e.label, "latency_ms": e.latency_ms,
+                "threshold_info": json.dumps(model.threshold_info), "label": e.label, "label_from": e.label_from,
+                "latency_ms": e.latency_ms,
                 "created": t, "heatmap_png": e.heatmap_png}).scalar_one()
             out.append({"study_id": study_id, "prediction_id": pid, "duplicate": duplicate})
         return out
@@ -302,7 +304,7 @@ class StudyDB:
         """Studies, most recently predicted first, with their latest prediction and latest review."""
         return self._rows(
             "SELECT s.id, s.patient_id, s.filename, s.received, s.format, s.modality, "
-            "p.id AS prediction_id, p.probability, p.calibrated_probability, p.threshold, p.label, "
+            "p.id AS prediction_id, p.probability, p.calibrated_probability, p.threshold, p.label, p.label_from, "
             "p.created AS predicted, r.decision AS review_decision, r.reviewer AS review_reviewer, "
             "r.created AS reviewed, (SELECT count(*) FROM predictions WHERE study_id = s.id) AS n_predictions "
             "FROM studies s "
@@ -317,9 +319,10 @@ class StudyDB:
         review closes an item. Each row says its ``tier`` and ``position`` (1 = read first)."""
         rows = self._rows(
             "SELECT s.id AS study_id, s.patient_id, s.filename, s.received, s.format, s.modality, p.id AS prediction_id, "
-            "p.probability, p.calibrated_probability, p.threshold, p.label, p.created AS predicted, "
+            "p.probability, p.calibrated_probability, p.threshold, p.label, p.label_from, p.created AS predicted, "
             "CASE WHEN p.label = 'PNEUMONIA' THEN 1 WHEN p.label = 'not assessed' THEN 2 ELSE 3 END AS tier, "
-            "CASE WHEN p.label = 'not assessed' THEN 0 ELSE coalesce(p.calibrated_probability, p.probability) END "
+            "CASE WHEN p.label = 'not assessed' THEN 0 WHEN p.label_from = 'probability' THEN p.probability "
+            "ELSE p.calibrated_probability END "
             "AS urgency FROM studies s "
             "JOIN predictions p ON p.id = (SELECT max(id) FROM predictions WHERE study_id = s.id) "
             "WHERE NOT EXISTS (SELECT 1 FROM reviews r WHERE r.study_id = s.id) "

@@ -13,6 +13,7 @@ from PIL import Image
 
 from pneumoscope.data.images import fit
 from pneumoscope.data.intake import WORKING, Intake
+from pneumoscope.inference.prediction import Prediction
 from pneumoscope.studydb.db import PredictionRecord, StudyRecord
 from pneumoscope.trust.explain import overlay_png
 
@@ -49,21 +50,21 @@ def upload_of(it: Intake, sha256: str, shown: str | None) -> Upload:
     return Upload(name=it.name, study=study, view_u8=it.view_u8, model_u8=it.model_u8, quality=it.quality)
 
 
-def prediction_record(u: Upload, r: dict, latency_ms: float, png: bytes | None,
+def prediction_record(u: Upload, r: Prediction, latency_ms: float, png: bytes | None,
                       pseudonymize_salt: str | None = None) -> PredictionRecord:
     """The database rows of one predicted upload (the HTTP service and the DICOM listener): identifiers
     pseudonymised when ``pseudonymize_salt`` is given."""
     # one list of warnings, the predictor's (inference/assess.py): quality of the upload (DICOM reader
     # warnings included, as for the file on the command line) and out of distribution
-    study = replace(u.study, warnings=list(r.get("warnings", [])))
+    study = replace(u.study, warnings=list(r.warnings))
     if pseudonymize_salt is not None:
         salt = pseudonymize_salt
         study = replace(study, patient_id=study.patient_id and "hmac-sha256:" + pseudonym(salt, study.patient_id),
                         study_uid=study.study_uid and pseudonym(salt, study.study_uid),
                         filename=None)  # a file name can carry the patient's name
-    return PredictionRecord(study=study, probability=r["probability"],
-                            calibrated_probability=r["calibrated_probability"], threshold=r["threshold"],
-                            label=r["label"], latency_ms=latency_ms, heatmap_png=png)
+    return PredictionRecord(study=study, probability=r.probability, calibrated_probability=r.calibrated_probability,
+                            threshold=r.threshold, label=r.label, label_from=r.label_from,
+                            latency_ms=latency_ms, heatmap_png=png)
 
 
 def heatmap_overlay(view_u8: np.ndarray, heat: np.ndarray) -> bytes:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumoscope.evaluation.calibration import calibrate
+from pneumoscope.evaluation.calibration import fit_calibration_and_threshold
 from pneumoscope.models.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -32,17 +32,20 @@ class TrainState:
     def stopped(self, patience: int) -> bool:
         return bool(self.history) and self.since_best >= patience
 
-    def record(self, h: dict, val_logits: np.ndarray, y: np.ndarray, threshold_method: str) -> bool:
-        """Add epoch ``h``; True when its validation AUC is the best so far (then calibrated on validation)."""
+    def record(self, h: dict) -> bool:
+        """Add epoch ``h``; True when its validation AUC is the best so far."""
         self.history.append(h)
         self.next_epoch = h["epoch"] + 1
         if h["val_auc"] > self.best_auc:
             self.best_auc, self.since_best = h["val_auc"], 0
-            self.best_info = calibrate(val_logits, y, threshold_method)
-            self.best_logits = val_logits
             return True
         self.since_best += 1
         return False
+
+    def choose_operating_point(self, val_logits: np.ndarray, y: np.ndarray, threshold_method: str) -> None:
+        """The best epoch's calibration (temperature, bias) and decision threshold, fitted on its validation logits."""
+        self.best_info = fit_calibration_and_threshold(val_logits, y, threshold_method)
+        self.best_logits = val_logits
 
     def to_dict(self, opt, sched) -> dict:
         return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": self.history,

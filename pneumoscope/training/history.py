@@ -14,7 +14,6 @@ from sklearn.metrics import roc_auc_score
 from pneumoscope.evaluation.metrics import binary_metrics
 from pneumoscope.inference.runtime import pneumonia_score, predict_logits
 from pneumoscope.models.checkpoint import model_from_checkpoint
-from pneumoscope.models.preprocess import Preprocess
 
 
 def validation_scores(logits: np.ndarray, y: np.ndarray) -> dict:
@@ -60,7 +59,7 @@ def best_val_logits(best: dict, va, device: torch.device, amp: torch.dtype | Non
     """Validation logits of checkpoint ``best`` on images ``va`` (``training.data.Arrays``), run again from the file
     (for a resumed run whose best epoch came before the interruption)."""
     model = model_from_checkpoint(best).to(device).to(memory_format=torch.channels_last)
-    return predict_logits(model, va.x, Preprocess.from_dict(best["preprocess"]), device, amp)
+    return predict_logits(model, va.x, model.preprocess, device, amp)
 
 
 def val_at_threshold(logits: np.ndarray, y: np.ndarray, best: dict) -> dict:

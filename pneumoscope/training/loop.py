@@ -45,8 +45,10 @@ def train(cfg: TrainConfig | dict | str | None = None, *, resume: str | None = N
           **overrides) -> dict:
     """Train a model; return the final validation metrics. ``resume`` = a run folder to continue; ``prefetch`` =
     the split and decoded images being prepared in another process (data/prefetch.py; the caller closes it)."""
-    cfg = resolve(cfg, resume, **overrides)
-    run = start_run(cfg, prefetch)
+    if not isinstance(cfg, TrainConfig) or overrides:  # the CLI resolves once and passes the TrainConfig itself
+        cfg = resolve(cfg, resume, **overrides)
+    run = start_run(cfg.validate(), prefetch)
+    cfg = run.cfg  # with what the run derived: its folder and the model's input size
     model, main = run.model, run.dist.main
     opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.backbone_lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = max(1, math.ceil(len(run.tr.y) / run.dist.world) // cfg.batch_size)
@@ -71,7 +73,9 @@ def train(cfg: TrainConfig | dict | str | None = None, *, resume: str | None = N
         h = {"epoch": epoch, "loss": loss, "accuracy": accuracy, **validation_scores(val_logits, y_val),
              "lr": sched.get_last_lr()[0], "frozen_backbone": epoch <= cfg.freeze_epochs,
              "seconds": time.perf_counter() - t0, "images_per_s": seen / train_seconds}
-        improved = state.record(h, val_logits, y_val, cfg.threshold)
+        improved = state.record(h)
+        if improved:  # calibration and threshold of the new best epoch, chosen on validation data only
+            state.choose_operating_point(val_logits, y_val, cfg.threshold)
         if main:
             log.info("%s%s", epoch_line(h, cfg.epochs), "  *" if improved else "")
             save_epoch(run.out, model, run.label_names, cfg.to_dict(), state, improved, opt, sched)

@@ -9,7 +9,7 @@ import ctypes.util
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -108,7 +108,8 @@ class Run:
 
 def start_run(cfg: TrainConfig, prefetch: Prefetch | None) -> Run:
     """Process set-up, the split (prefetched or made here), the model (its preprocessing decides the input size),
-    the run folder with the resolved config, and the decoded images."""
+    the run folder with the resolved config, and the decoded images. ``cfg`` is not changed: ``Run.cfg`` is a copy
+    with what the run derived (``out``, ``image_size``)."""
     if prefetch is not None and not prefetch.matches(cfg):
         log.warning("ignoring the prefetched data: they were prepared for another data/split configuration")
         prefetch.close()
@@ -124,7 +125,6 @@ def start_run(cfg: TrainConfig, prefetch: Prefetch | None) -> Run:
         reuse_freed_memory()
     amp = pick_precision(cfg.precision, device)
     out = Path(cfg.out or cfg.default_out())
-    cfg.out = str(out)
     t_start = time.perf_counter()
 
     torch.manual_seed(cfg.seed)
@@ -134,7 +134,7 @@ def start_run(cfg: TrainConfig, prefetch: Prefetch | None) -> Run:
                          pretrained=cfg.pretrained, weights=cfg.weights or None, intensity=cfg.intensity,
                          **cfg.model_kwargs)
     size = model.preprocess.input_size
-    cfg.image_size = size
+    cfg = replace(cfg, out=str(out), image_size=size)  # derived here, returned in Run.cfg: not changed in place
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -212,8 +212,7 @@ def overlay_png(image_u8: np.ndarray, heat: np.ndarray, alpha: float = 0.4, cmap
 
 def caption_lines(r: dict) -> list[str]:
     """What an overlay must say about itself: the label, the probability it comes from, what the colours mean."""
-    p = r["calibrated_probability"] if r.get("calibrated_probability") is not None else r["probability"]
-    return [f"{r['label']}: probability {p:.2f} (threshold {r['threshold']:.2f})",
+    return [f"{r.label}: probability {r.score:.2f} (threshold {r.threshold:.2f})",
             "Grad-CAM: where the model found evidence for pneumonia", "decision support, not for primary diagnosis"]
 
 
@@ -267,18 +266,18 @@ def explain(checkpoint: str | Path | None, paths: list[str | Path], out_dir: str
     files = expand_paths(list(paths), broken_links=True)
     written: list[Path] = []
     for p, r in zip(files, predictor.predict(files)):  # the warnings and "not assessed" of predict (assess.py)
-        if "error" in r:
-            log.warning("cannot explain %s: %s", p, r["error"])
+        if r.error is not None:
+            log.warning("cannot explain %s: %s", p, r.error)
             if errors is not None:
-                errors.append({"path": str(p), "error": r["error"]})
+                errors.append({"path": str(p), "error": r.error})
             continue
-        for w in r["warnings"]:
+        for w in r.warnings:
             log.warning("%s: %s", p, w)
-        if r["label"] == NOT_ASSESSED:
-            log.warning("%s: not assessed, no heatmap written: %s", p, r["not_assessed_reason"])
+        if r.label == NOT_ASSESSED:
+            log.warning("%s: not assessed, no heatmap written: %s", p, r.not_assessed_reason)
             continue
-        if not heatmap_shown(r["label"]):
-            log.info("%s: labelled %s, no heatmap written (%s)", p, r["label"], HEATMAP_RULE)
+        if not heatmap_shown(r.label):
+            log.info("%s: labelled %s, no heatmap written (%s)", p, r.label, HEATMAP_RULE)
             continue
         try:
             image, heat = heatmap_for_file(predictor, p)

@@ -111,6 +111,6 @@ def test_unreadable_file_is_an_error_row_not_a_lost_batch(bundled_predictor, ite
 
     monkeypatch.setattr(builtins, "open", guarded)
     r_good, r_locked = bundled_predictor.predict([good, locked])
-    assert r_good["label"] in ("NORMAL", "PNEUMONIA")
-    assert r_locked["error"] == (f"{locked}: permission denied; make the file readable (chmod a+r) or run as a user "
+    assert r_good.label in ("NORMAL", "PNEUMONIA")
+    assert r_locked.error == (f"{locked}: permission denied; make the file readable (chmod a+r) or run as a user "
                                  "who can read it")

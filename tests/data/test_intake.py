@@ -36,8 +36,8 @@ def test_one_image_is_decoded_once_by_predict_the_service_and_the_dicom_node(tin
             r = client.post("/predict?heatmap=false", files={"file": (f.name, f.read_bytes())})
             assert r.status_code == 200 and decodes["n"] == 1, (r.text, decodes["n"])
         by_service = r.json()["results"][0]
-        assert by_service["probability"] == pytest.approx(by_predict["probability"], abs=1e-6)
-        assert by_service["label"] == by_predict["label"]
+        assert by_service["probability"] == pytest.approx(by_predict.probability, abs=1e-6)
+        assert by_service["label"] == by_predict.label
 
     pipeline = Pipeline(str(tmp_path / "dicom.db"), pred, heatmaps=False)
     try:
@@ -48,7 +48,7 @@ def test_one_image_is_decoded_once_by_predict_the_service_and_the_dicom_node(tin
         stored = pipeline.db.latest_prediction(pipeline.db.list_studies()[0]["id"])
     finally:
         pipeline.close()
-    assert stored["probability"] == pytest.approx(pred.predict([dicom_dir / NIH])[0]["probability"], abs=1e-6)
+    assert stored["probability"] == pytest.approx(pred.predict([dicom_dir / NIH])[0].probability, abs=1e-6)
 
 
 def test_every_source_gives_the_same_intake(dicom_dir, chest_xray):

@@ -37,13 +37,13 @@ def test_adaptation_is_opt_in_and_reported(tiny_checkpoint, chest_xray, tmp_path
     paths = [str(p) for p in sorted((chest_xray / "train" / "PNEUMONIA").glob("*.jpeg"))[:MIN_BATCH]]
     pred = load(tiny_checkpoint, device="cpu")
     plain = pred.predict(paths)
-    assert all("adapted_probability" not in r for r in plain)  # off by default
+    assert all(r.adapted_probability is None for r in plain)  # off by default
     assert pred.predict(paths) == plain  # nothing was changed by a plain call
     ad = pred.predict(paths, adapt="prior")
-    assert [r["calibrated_probability"] for r in ad] == [r["calibrated_probability"] for r in plain]
-    assert all(r["adaptation"] == "prior" and "adapted to this batch" in r["warnings"][-1] for r in ad)
+    assert [r.calibrated_probability for r in ad] == [r.calibrated_probability for r in plain]
+    assert all(r.adaptation == "prior" and "adapted to this batch" in r.warnings[-1] for r in ad)
     p, info = adapt_batch(pred, np.stack([load_uint8(q, 64) for q in paths]), "prior")
-    assert info["n"] == MIN_BATCH and np.allclose(p, [r["adapted_probability"] for r in ad])
+    assert info["n"] == MIN_BATCH and np.allclose(p, [r.adapted_probability for r in ad])
     with pytest.raises(ConfigError, match="choose one of prior"):
         adapt_batch(pred, np.stack([load_uint8(q, 64) for q in paths]), "bn")  # AdaBN was removed (docs/adapt.md)
     out = tmp_path / "rep"

@@ -79,7 +79,7 @@ def test_odd_inputs_are_not_assessed_through_cli_and_service_with_the_same_warni
 def test_real_chest_film_is_assessed(default, chest_xray):
     f = sorted((chest_xray / "train" / "PNEUMONIA").glob("*.jpeg"))[5]
     r = default.predict([f])[0]
-    assert r["label"] in ("NORMAL", "PNEUMONIA") and r["out_of_distribution"] is False and r["ood_score"] < 1
+    assert r.label in ("NORMAL", "PNEUMONIA") and r.out_of_distribution is False and r.ood_score < 1
 
 
 def test_batch_shift_test_detects_another_site_and_not_split_halves(chest_xray, shared_data):

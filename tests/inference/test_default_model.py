@@ -31,8 +31,8 @@ def test_onnx_export_of_the_default_matches_pytorch(films, tmp_path):
     torch_pred = load(None, device="cpu")
     onnx_pred = load(export_onnx(default_checkpoint(), tmp_path / "default.onnx"))
     assert onnx_pred.preprocess == torch_pred.preprocess and onnx_pred.threshold == pytest.approx(torch_pred.threshold)
-    a = [r["calibrated_probability"] for r in torch_pred.predict(films)]
-    b = [r["calibrated_probability"] for r in onnx_pred.predict(films)]
+    a = [r.calibrated_probability for r in torch_pred.predict(films)]
+    b = [r.calibrated_probability for r in onnx_pred.predict(films)]
     np.testing.assert_allclose(b, a, atol=1e-4)
 
 
@@ -48,5 +48,5 @@ def test_service_answers_with_the_default(films, tmp_path):
     assert r.status_code == 200
     res = r.json()["results"][0]
     expected = pred.predict([films[-1]])[0]
-    assert res["label"] == expected["label"]
-    assert res["calibrated_probability"] == pytest.approx(expected["calibrated_probability"], abs=1e-5)
+    assert res["label"] == expected.label
+    assert res["calibrated_probability"] == pytest.approx(expected.calibrated_probability, abs=1e-5)

@@ -90,6 +90,33 @@ def test_predict_json_dicom(ckpt, dicom_dir):
     assert "not a radiograph" in res[1]["error"] or "OT" in res[1]["error"]
 
 
+def test_evaluate_reads_the_predictors_predictions(ckpt, small_split_dir, tmp_path, capsys):
+    """One Prediction per image, typed; `evaluate`'s confusion is the count of `predict`'s labels (it reads the same
+    Predictions, never re-derives a label), and the JSON rows are their fields."""
+    from pneumoscope.inference.loader import load
+    from pneumoscope.inference.prediction import Prediction
+
+    files = sorted((small_split_dir / "test").rglob("*.jpeg"))
+    res = load(ckpt, device="cpu").predict(files)
+    assert all(isinstance(r, Prediction) for r in res)
+    bad = [r for r in res if r.error]
+    assert [r.path.endswith("corrupt.jpeg") for r in bad] == [True] and bad[0].to_dict().keys() == {
+        "path", "patient_id", "error"} and not bad[0].assessed
+    good = [r for r in res if not r.error]
+    assert all(r.score == r.calibrated_probability and r.label_from == "calibrated_probability" for r in good)
+    truth = ["PNEUMONIA" in r.path.split("/")[-2] for r in good]
+    called = [r.label == "PNEUMONIA" for r in good]
+    out = tmp_path / "rep"
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(small_split_dir), "--split", "test",
+                 "--out", str(out)]) == 0
+    c = json.loads((out / "report.json").read_text())["confusion"]
+    assert c["tp"] == sum(t and k for t, k in zip(truth, called)) and c["fp"] == sum(k and not t for t, k in zip(truth, called))
+    capsys.readouterr()
+    assert main(["predict", *map(str, files[:2]), "--checkpoint", str(ckpt), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows == [r.to_dict() for r in res[:2]]
+
+
 def test_predict_arrays_match_paths(ckpt, chest_xray):
     import numpy as np
 
@@ -98,8 +125,8 @@ def test_predict_arrays_match_paths(ckpt, chest_xray):
 
     p = sorted((chest_xray / "train" / "PNEUMONIA").glob("*.jpeg"))[0]
     pred = load(ckpt, device="cpu")
-    a = pred.predict([p])[0]["probability"]
-    b = pred.predict([read_image(p)[0]])[0]["probability"]
+    a = pred.predict([p])[0].probability
+    b = pred.predict([read_image(p)[0]])[0].probability
     assert abs(a - b) < 1e-3
     with pytest.raises(ValueError, match=r"expected \[0, 1\]"):
         pred.predict([np.full((10, 10), 2.0, np.float32)])
@@ -139,7 +166,7 @@ def test_default_model_flags_out_of_distribution_inputs(chest_xray, dicom_dir):
     cat = (data.chelsea().mean(axis=2) / 255).astype("float32")
     chests = sorted((chest_xray / "train" / "NORMAL").glob("*.jpeg"))[:20]
     res = pred.predict([cat, dicom_dir / "dental_cr_jpeg_lossless_modality_lut.dcm", *chests])
-    ood = ["out of distribution" in " ".join(r["warnings"]) for r in res]
+    ood = ["out of distribution" in " ".join(r.warnings) for r in res]
     assert ood[0] and ood[1]
     assert sum(ood[2:]) <= 1
 

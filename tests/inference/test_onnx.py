@@ -109,9 +109,9 @@ def test_onnx_predictor_matches_torch_predictor(exported, chest_xray):
     want = load(ckpt, device="cpu").predict(paths)
     got = load_onnx_predictor(onnx_path).predict(paths)
     for w, g in zip(want, got):
-        assert g["path"] == w["path"] and g["label"] == w["label"] and g["threshold"] == w["threshold"]
-        assert g["probability"] == pytest.approx(w["probability"], abs=1e-5)
-        assert g["calibrated_probability"] == pytest.approx(w["calibrated_probability"], abs=1e-5)
+        assert g.path == w.path and g.label == w.label and g.threshold == w.threshold
+        assert g.probability == pytest.approx(w.probability, abs=1e-5)
+        assert g.calibrated_probability == pytest.approx(w.calibrated_probability, abs=1e-5)
 
 
 @pytest.mark.parametrize("name,size", [("cnn_rnn", 48), ("efficientnet_lite0", 64)])
@@ -172,8 +172,8 @@ def test_load_predicts_with_onnx_runtime_that_agrees_with_pytorch(tiny_checkpoin
     files = sorted((chest_xray / "train" / "PNEUMONIA").glob("*.jpeg"))[:9]
     u8 = np.stack([load_uint8(f, fast.preprocess.input_size) for f in files])
     np.testing.assert_allclose(fast.logits(u8), slow.logits(u8), atol=1e-4)
-    batched = [r["probability"] for r in fast.predict(files)]
-    alone = [fast.predict([f])[0]["probability"] for f in files]
+    batched = [r.probability for r in fast.predict(files)]
+    alone = [fast.predict([f])[0].probability for f in files]
     np.testing.assert_allclose(batched, alone, atol=1e-5)
     with pytest.raises(Exception, match="backend='gpu' is invalid"):
         load(tiny_checkpoint, backend="gpu")

@@ -102,9 +102,9 @@ def test_clahe_checkpoint_predictor_equals_onnx(clahe_checkpoint, chest_xray, tm
     paths, _ = real_images(chest_xray)
     want = torch_pred.predict(paths)
     got = load_onnx_predictor(onnx_path).predict(paths)
-    np.testing.assert_allclose([g["calibrated_probability"] for g in got], [w["calibrated_probability"] for w in want],
+    np.testing.assert_allclose([g.calibrated_probability for g in got], [w.calibrated_probability for w in want],
                                rtol=0, atol=1e-5)
-    assert [g["label"] for g in got] == [w["label"] for w in want]
+    assert [g.label for g in got] == [w.label for w in want]
     # the standardisation is really applied: the same weights without it give other logits
     batch = np.stack([torch_pred.prepare(p)[0] for p in paths])
     plain = dataclasses.replace(torch_pred, preprocess=dataclasses.replace(torch_pred.preprocess, intensity="none"))

@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from pneumoscope.inference.prediction import Prediction
 from pneumoscope.serve.app import MAX_FILES, ModelWorker, create_app
 from pneumoscope.serve.study_report import REPORT_SCHEMA
 from pneumoscope.studydb.schema import revisions
@@ -63,7 +64,7 @@ def test_health_page_and_static_need_no_key(client):
     body = h.json()
     assert body["model"]["name"] == "seed_cnn" and body["model"]["checksum"].startswith("sha256:")
     assert body["model"]["input_size"] == 64 and body["api_key_required"] is True
-    assert body["database"]["schema_version"] == len(revisions()) == 2  # 0001 initial, 0002 studies.filename
+    assert body["database"]["schema_version"] == len(revisions()) == 3  # 0001 initial, 0002 filename, 0003 label_from
     page = client.get("/")
     assert page.status_code == 200 and 'id="file-input"' in page.text and 'id="opacity"' in page.text
     assert "script-src 'self'" in page.headers["content-security-policy"]
@@ -112,9 +113,9 @@ def test_predict_jpeg_and_dicom_in_one_request(client, predictor, jpegs, dicom_d
     a, b = body["results"]
     expected = predictor.predict([jpeg, dcm])  # the CLI's path: the same decoding as training
     for got, exp in zip((a, b), expected):
-        assert got["probability"] == pytest.approx(exp["probability"], abs=1e-6)
-        assert got["calibrated_probability"] == pytest.approx(exp["calibrated_probability"], abs=1e-6)
-        assert got["label"] == exp["label"] and got["threshold"] == predictor.threshold
+        assert got["probability"] == pytest.approx(exp.probability, abs=1e-6)
+        assert got["calibrated_probability"] == pytest.approx(exp.calibrated_probability, abs=1e-6)
+        assert got["label"] == exp.label and got["threshold"] == predictor.threshold
         assert 0.0 <= got["probability"] <= 1.0
     assert (a["format"], b["format"], b["modality"]) == ("JPEG", "DICOM", "DX")
     assert a["filename"] == jpeg.name and not a["duplicate"]
@@ -163,7 +164,7 @@ def test_model_worker_batches_concurrent_requests_and_survives_errors():
                 gate.wait(10)  # hold the worker while the next jobs queue up
             if any(int(i[0, 0]) == 255 for i in items):
                 raise RuntimeError("boom")
-            return [{"probability": float(i[0, 0]) / 255} for i in items]
+            return [Prediction(path="array", probability=float(i[0, 0]) / 255) for i in items]
 
     w = ModelWorker(Fake())
     img = lambda v: np.full((4, 4), v, np.uint8)  # noqa: E731
@@ -173,14 +174,14 @@ def test_model_worker_batches_concurrent_requests_and_survives_errors():
     later = [w.submit([img(2), img(3)]), w.submit([img(4)]), w.submit([img(5)])]
     assert gone.cancel()  # its client went away: the worker skips it
     gate.set()
-    assert first.result(10)[0]["probability"] == pytest.approx(1 / 255)
-    assert [[x["probability"] * 255 for x in f.result(10)] for f in later] == [[2, 3], [4], [5]]
+    assert first.result(10)[0].prediction.probability == pytest.approx(1 / 255)
+    assert [[x.prediction.probability * 255 for x in f.result(10)] for f in later] == [[2, 3], [4], [5]]
     assert seen == [1, 4]  # the three queued requests ran as one batch of 4 images
     assert gone.cancelled()
     bad = w.submit([img(255)])
     with pytest.raises(RuntimeError, match="boom"):
         bad.result(10)
-    assert w.submit([img(6)]).result(10)[0]["probability"] == pytest.approx(6 / 255)  # still alive
+    assert w.submit([img(6)]).result(10)[0].prediction.probability == pytest.approx(6 / 255)  # still alive
     w.close()
 
 

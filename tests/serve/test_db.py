@@ -33,11 +33,11 @@ MODEL = ModelRecord(name="seed_cnn", version="0.1.0", checksum="sha256:" + "0" *
 def entry(sha: str, **kw) -> PredictionRecord:
     e = {"sha256": sha, "format": "DICOM", "width": 20, "height": 10, "image_png": b"\x89PNG-fake", "warnings": ["w"],
          "patient_id": "P1", "study_uid": "1.2.3", "modality": "DX", "manufacturer": None, "device_model": None,
-         "probability": 0.4, "calibrated_probability": 0.6, "threshold": 0.7, "label": "NORMAL", "latency_ms": 12.0,
-         "heatmap_png": None}
+         "probability": 0.4, "calibrated_probability": 0.6, "threshold": 0.7, "label": "NORMAL",
+         "label_from": "calibrated_probability", "latency_ms": 12.0, "heatmap_png": None}
     e.update(kw)
-    pred = {k: e.pop(k) for k in ("probability", "calibrated_probability", "threshold", "label", "latency_ms",
-                                  "heatmap_png")}
+    pred = {k: e.pop(k) for k in ("probability", "calibrated_probability", "threshold", "label", "label_from",
+                                  "latency_ms", "heatmap_png")}
     return PredictionRecord(study=StudyRecord(**e), **pred)
 
 
@@ -64,6 +64,32 @@ def test_migrations_set_the_version_and_are_idempotent(study_db):
     assert {tuple(u["column_names"]) for u in inspect(db.engine).get_unique_constraints("studies")} == {("sha256",)}
     db.close()
     assert StudyDB(study_db).version == len(steps)  # reopening applies nothing
+
+
+def test_version_3_stores_label_from_and_fills_it_for_older_rows(study_db, tmp_path):
+    """A database made at version 2 (before ``predictions.label_from``) keeps its rows; the migration gives each the
+    probability its label came from then (the calibrated one when there was one)."""
+    scripts = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS, scripts)
+    (scripts / "versions" / "0003_prediction_label_from.py").unlink()
+    engine = engine_for(study_db)
+    assert migrate(engine, scripts) == 2
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO studies (id, received, sha256, format, width, height, image_png) "
+                       "VALUES ('s', 't', 'h', 'PNG', 1, 1, :png)"), {"png": b"x"})
+        for cal in (0.9, None):
+            c.execute(text("INSERT INTO predictions (study_id, model_name, model_checksum, probability, "
+                           "calibrated_probability, threshold, label, latency_ms, created) "
+                           "VALUES ('s', 'm', 'c', 0.5, :cal, 0.7, 'PNEUMONIA', 1, 't')"), {"cal": cal})
+    assert migrate(engine) == 3
+    with engine.connect() as c:
+        got = c.execute(text("SELECT calibrated_probability, label_from FROM predictions ORDER BY id")).all()
+    engine.dispose()
+    assert [tuple(r) for r in got] == [(0.9, "calibrated_probability"), (None, "probability")]
+    db = StudyDB(study_db)
+    sid = db.add_predictions([entry("c" * 64, label_from="probability")], MODEL)[0]["study_id"]
+    assert db.latest_prediction(sid)["label_from"] == "probability"  # stored as the predictor said, not re-derived
+    db.close()
 
 
 FAILING = {"0001_a.py": ("0001", None, 'op.execute("CREATE TABLE a (x INTEGER)")'),

@@ -77,8 +77,8 @@ def _png() -> bytes:
 STUDY = {"id": "1.2.840.113619.2.1", "patient_id": "PAT-7", "pseudonymized": 0, "received": "2026-01-02T03:04:05+00:00",
          "sha256": "ab" * 32, "format": "DICOM", "modality": "DX", "manufacturer": "ACME", "device_model": "X1",
          "width": 1024, "height": 900, "warnings": []}
-PREDICTION = {"probability": 0.61, "calibrated_probability": 0.83, "label": "PNEUMONIA", "threshold": 0.75,
-              "created": "2026-01-02T03:04:06+00:00", "latency_ms": 41.5}
+PREDICTION = {"probability": 0.61, "calibrated_probability": 0.83, "label": "PNEUMONIA", "label_from": "calibrated_probability",
+              "threshold": 0.75, "created": "2026-01-02T03:04:06+00:00", "latency_ms": 41.5}
 INFO = {"name": "seed_cnn", "version": "0.1.0", "checksum": "sha256:" + "0f" * 32,
         "threshold_info": {"method": "youden", "threshold": 0.75, "sensitivity": 0.9, "specificity": 0.8}}
 
@@ -107,7 +107,7 @@ def test_report_fields_and_schema():
 
 
 def test_report_without_calibration_heatmap_or_threshold_info():
-    pred = {**PREDICTION, "calibrated_probability": None, "label": "NORMAL", "threshold": 0.5}
+    pred = {**PREDICTION, "calibrated_probability": None, "label": "NORMAL", "label_from": "probability", "threshold": 0.5}
     rep = build_report({**STUDY, "patient_id": None, "format": "JPEG", "modality": None}, pred,
                        {**INFO, "threshold_info": None}, None, [])
     assert validate(rep, REPORT_SCHEMA) == []

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pneumoscope.errors import DatasetLayoutError
-from pneumoscope.evaluation.calibration import calibrate
+from pneumoscope.evaluation.calibration import fit_calibration_and_threshold
 from pneumoscope.studies.adapt.site import choose_k, load_site, patient_folds
 from pneumoscope.studies.adapt.validate import CVResult, choose_winner, cross_fitted
 
@@ -127,7 +127,7 @@ def test_threshold_and_calibration_come_from_out_of_fold_predictions(adapted):
         rows = list(csv.DictReader(f))
     y = np.array([int(r["label"]) for r in rows])
     oof = np.array([float(r[f"logit_{report['winner']}"]) for r in rows])
-    expected = calibrate(oof[:, None], y, "youden")
+    expected = fit_calibration_and_threshold(oof[:, None], y, "youden")
     ckpt = torch.load(out / "model.pt", weights_only=True)
     for key in ("threshold", "temperature", "calibration_bias"):
         assert ckpt[key] == pytest.approx(expected[key], abs=1e-9), key
@@ -149,7 +149,7 @@ def test_adapted_model_predicts_exports_and_serves_alike(adapted, tmp_path):
     files = sorted(site.rglob("*.png"))[:4]
     pt = load(out / "model.pt", device="cpu")
     rows = pt.predict(files)
-    assert all(r["label"] in ("NORMAL", "PNEUMONIA") for r in rows)  # the site's films are assessed
+    assert all(r.label in ("NORMAL", "PNEUMONIA") for r in rows)  # the site's films are assessed
     onnx = load(export_onnx(out / "model.pt", tmp_path / "model.onnx"))
     u8 = np.stack([pt.prepare(f)[0] for f in files])
     np.testing.assert_allclose(onnx.logits(u8), pt.logits(u8), atol=1e-4)
@@ -158,7 +158,7 @@ def test_adapted_model_predicts_exports_and_serves_alike(adapted, tmp_path):
         r = client.post("/predict", files={"file": (files[0].name, files[0].read_bytes(), "image/png")})
     assert r.status_code == 200, r.text
     got = r.json()["results"][0]
-    assert got["calibrated_probability"] == pytest.approx(rows[0]["calibrated_probability"], abs=1e-5)
+    assert got["calibrated_probability"] == pytest.approx(rows[0].calibrated_probability, abs=1e-5)
 
 
 @pytest.mark.slow
@@ -170,7 +170,7 @@ def test_reference_flags_junk_and_not_the_sites_films(adapted, tmp_path):
     _, out, site = adapted
     pred = load(out / "model.pt", device="cpu")
     films = sorted(site.rglob("*.png"))
-    ok = [r for r in pred.predict(films) if r["label"] != "not assessed"]
+    ok = [r for r in pred.predict(films) if r.label != "not assessed"]
     assert len(ok) >= 0.95 * len(films)
     rng = np.random.default_rng(0)
     blank = tmp_path / "blank.png"
@@ -181,4 +181,4 @@ def test_reference_flags_junk_and_not_the_sites_films(adapted, tmp_path):
     noise = tmp_path / "noise.png"
     Image.fromarray(rng.integers(0, 256, (512, 512), dtype=np.uint8)).save(noise)
     for r in pred.predict([blank, photo, noise]):
-        assert r["label"] == "not assessed", r
+        assert r.label == "not assessed", r

@@ -43,13 +43,13 @@ def test_predict_explain_and_onnx_work_with_an_ensemble(ensemble_ckpt, chest_xra
     files = sorted((chest_xray / "train" / "NORMAL").glob("*.jpeg"))[:2] + sorted(
         (chest_xray / "train" / "PNEUMONIA").glob("*.jpeg"))[:2]
     res = pred.predict(files)
-    assert all("error" not in r and 0 <= r["calibrated_probability"] <= 1 for r in res)
+    assert all(r.error is None and 0 <= r.calibrated_probability <= 1 for r in res)
     u8 = np.stack([pred.prepare(f)[0] for f in files])
     maps = heatmaps(pred, u8)
     assert maps.shape == (4, 64, 64) and float(maps.max()) == pytest.approx(1.0)
     onnx = load(export_onnx(path, tmp_path / "ens.onnx"))
-    np.testing.assert_allclose([r["calibrated_probability"] for r in onnx.predict(files)],
-                               [r["calibrated_probability"] for r in res], atol=1e-4)
+    np.testing.assert_allclose([r.calibrated_probability for r in onnx.predict(files)],
+                               [r.calibrated_probability for r in res], atol=1e-4)
 
 
 def test_members_on_different_splits_are_refused(tiny_checkpoint, chest_xray, tmp_path):

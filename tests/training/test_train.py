@@ -47,9 +47,9 @@ def test_reload_in_fresh_process_gives_identical_probabilities(run, chest_xray):
     from pneumoscope.inference.loader import load
 
     paths = [str(p) for p in sorted((chest_xray / "train" / "NORMAL").glob("*.jpeg"))[:3]]
-    here = [r["probability"] for r in load(out / "best.pt", device="cpu").predict(paths)]
+    here = [r.probability for r in load(out / "best.pt", device="cpu").predict(paths)]
     code = ("import json,sys; from pneumoscope.inference.loader import load; "
-            "print(json.dumps([r['probability'] for r in load(sys.argv[1], device='cpu').predict(sys.argv[2:])]))")
+            "print(json.dumps([r.probability for r in load(sys.argv[1], device='cpu').predict(sys.argv[2:])]))")
     there = json.loads(subprocess.run([sys.executable, "-c", code, str(out / "best.pt"), *paths],
                                       capture_output=True, text=True, check=True).stdout)
     assert here == there
@@ -187,11 +187,32 @@ def test_resume_after_kill_equals_straight_run(chest_xray, tmp_path):
     (dict(image_size=0), "image_size"),
     (dict(val_fraction=1.2), "val_fraction"),
     (dict(threshold="best"), "threshold"),
+    (dict(threshold="sensitivity:abc"), "threshold"),  # one rule (config.threshold_target) for config and metrics
+    (dict(threshold="sensitivity:1.5"), "threshold"),
+    (dict(fold="3/2"), "fold"),
+    (dict(fold="1/1"), "fold"),
+    (dict(fold="first"), "fold"),
     (dict(imbalance="magic"), "imbalance"),
 ])
 def test_bad_config_values(chest_xray, tmp_path, override, match):
     with pytest.raises(ConfigError, match=match):
         train(dict(SMALL, data=str(chest_xray), out=str(tmp_path), **override))
+
+
+def test_train_leaves_the_callers_config_alone_and_records_what_it_derived(chest_xray, tmp_path):
+    """``start_run`` derives the run folder and the model's input size into a copy (``Run.cfg``), written to the
+    run's config.yaml; the caller's TrainConfig is not changed."""
+    import yaml
+
+    from pneumoscope.config import resolve
+
+    cfg = resolve(dict(SMALL, data=str(chest_xray), epochs=1, image_size=None, limit=48, out=str(tmp_path / "r")))
+    before = cfg.to_dict()
+    m = train(cfg)
+    assert cfg.to_dict() == before and cfg.image_size is None
+    stored = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert stored["image_size"] == load_checkpoint(tmp_path / "r" / "best.pt")["preprocess"]["input_size"]
+    assert stored["out"] == str(tmp_path / "r") == m["run_dir"]
 
 
 def test_yaml_config_and_flag_override(chest_xray, tmp_path):
@@ -216,9 +237,9 @@ def test_ternary_training_reports_and_predicts_three_classes(chest_xray, tmp_pat
     assert ck["arch"]["num_classes"] == 3
     pred = load(tmp_path / "t3" / "best.pt", device="cpu")
     r = pred.predict([sorted((chest_xray / "train" / "PNEUMONIA").glob("*virus*.jpeg"))[0]])[0]
-    assert set(r["class_probabilities"]) == {"NORMAL", "BACTERIAL", "VIRAL"}
-    assert abs(sum(r["class_probabilities"].values()) - 1) < 1e-5
-    assert r["predicted_class"] in r["class_probabilities"]
+    assert set(r.class_probabilities) == {"NORMAL", "BACTERIAL", "VIRAL"}
+    assert abs(sum(r.class_probabilities.values()) - 1) < 1e-5
+    assert r.predicted_class in r.class_probabilities
     rep = evaluate(tmp_path / "t3" / "best.pt", chest_xray, tmp_path / "rep", split="validation", progress=False)
     assert 600 < rep["n"] < 900 and len(rep["per_class"]) == 3  # the full validation split (limit not applied)
     assert rep["macro_auc"] is not None and 0 <= rep["macro_auc"] <= 1

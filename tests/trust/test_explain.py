@@ -132,7 +132,7 @@ def test_explain_writes_one_captioned_overlay_per_film_labelled_pneumonia(tiny_c
 
     files = sorted((chest_xray / "train" / "PNEUMONIA").glob("*.jpeg"))[:4] + \
         sorted((chest_xray / "train" / "NORMAL").glob("*.jpeg"))[:4]
-    labels = [r["label"] for r in load(tiny_checkpoint, device="cpu").predict(files)]
+    labels = [r.label for r in load(tiny_checkpoint, device="cpu").predict(files)]
     shown = [f for f, label in zip(files, labels) if label == "PNEUMONIA"]
     assert shown and len(shown) < len(files)  # both kinds in the sample
     written = explain(tiny_checkpoint, files, tmp_path / "out", device="cpu")

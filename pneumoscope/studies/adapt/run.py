@@ -22,7 +22,7 @@ from pneumoscope.data.cache import decode_all
 from pneumoscope.data.digest import file_digest
 from pneumoscope.data.splits import split_samples
 from pneumoscope.errors import CheckpointError, ConfigError
-from pneumoscope.evaluation.calibration import calibrate
+from pneumoscope.evaluation.calibration import fit_calibration_and_threshold
 from pneumoscope.evaluation.evaluate import evaluation_samples
 from pneumoscope.evaluation.metrics import binary_metrics, bootstrap_ci
 from pneumoscope.inference.default_model import default_checkpoint
@@ -172,7 +172,8 @@ def adapt(data: str | Path, out: str | Path, checkpoint: str | Path | None = Non
     curve = learning_curve(strategy, y, fold, patients, seed)
 
     model = strategy.model(strategy.fit(np.arange(len(y))))
-    calib = calibrate(winner.oof[:, None], y, "youden")  # out-of-fold predictions only: never films it trained on
+    # out-of-fold predictions only: never films it trained on
+    calib = fit_calibration_and_threshold(winner.oof[:, None], y, "youden")
     forgetting = _forgetting(model, base_pred, ckpt, base_dir) if base_dir is not None and ckpt.get("config") else None
     if forgetting is None:
         notes.append("forgetting not measured: the base model's training folder was not found (--base-data)")
