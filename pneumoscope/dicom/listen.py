@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +46,9 @@ from pneumoscope.data.intake import from_dataset
 from pneumoscope.dicom.outbox import Outbox
 from pneumoscope.dicom.results import model_identity, probability_of, result_datasets
 from pneumoscope.errors import ImageReadError
-from pneumoscope.inference.assess import heatmap_shown
 from pneumoscope.inference.loader import load
 from pneumoscope.inference.predictor import Predictor
+from pneumoscope.inference.worker import ModelWorker
 from pneumoscope.studydb.db import ModelRecord, StudyDB
 from pneumoscope.studydb.records import heatmap_overlay, prediction_record, upload_of
 
@@ -104,7 +103,10 @@ class Pipeline:
         self.model = ModelRecord.of(self.predictor.info)
         self.db = StudyDB(db_path)
         self.heatmaps = heatmaps
-        self._lock = threading.Lock()  # one prediction at a time: the model is not shared across threads
+        from pneumoscope.trust.explain import heatmaps as heatmap_fn
+
+        # the service's model worker: concurrent associations share one model thread, batched
+        self.worker = ModelWorker(self.predictor, heatmap_fn=heatmap_fn)
 
     @property
     def model_identity(self) -> tuple[str, str, str]:
@@ -116,15 +118,13 @@ class Pipeline:
         t0 = time.perf_counter()
         u = upload_of(from_dataset(ds, f"{sop_uid}.dcm", self.predictor.preprocess.input_size),
                       _pixel_digest(ds), None)  # the parsed dataset, decoded once (data/intake.py)
-        with self._lock:
-            r = self.predictor.predict([u.model_u8], quality=[u.quality])[0]
-            if r.error is not None:
-                raise ImageReadError(r.error)
-            png = None
-            if self.heatmaps and heatmap_shown(r.label):
-                from pneumoscope.trust.explain import heatmaps
-
-                png = heatmap_overlay(u.view_u8, heatmaps(self.predictor, u.model_u8[None])[0])
+        scored = self.worker.submit([u.model_u8], heatmaps=self.heatmaps, quality=[u.quality]).result()[0]
+        r = scored.prediction
+        if r.error is not None:
+            raise ImageReadError(r.error)
+        if scored.heat_error:
+            log.warning("%s: %s", sop_uid, scored.heat_error)
+        png = None if scored.heat is None else heatmap_overlay(u.view_u8, scored.heat)  # HEATMAP_RULE applied there
         latency_ms = (time.perf_counter() - t0) * 1000.0
         stored = self.db.add_predictions([prediction_record(u, r, latency_ms, png)], self.model)[0]
         log.info("predicted %s from %s: %s, probability %.4f (study %s%s)", sop_uid, source, r.label,
@@ -132,6 +132,7 @@ class Pipeline:
         return result_datasets(ds, r, self.predictor.info, png)
 
     def close(self) -> None:
+        self.worker.close()
         self.db.close()
 
 

@@ -40,11 +40,11 @@ from pneumoscope.inference.assess import HEATMAP_RULE, WORKLIST_RULE, heatmap_sh
 from pneumoscope.inference.loader import load
 from pneumoscope.inference.prediction import Prediction
 from pneumoscope.inference.predictor import Predictor
+from pneumoscope.inference.worker import ModelWorker, Scored
 from pneumoscope.serve.problems import known_query_only, responses
 from pneumoscope.serve.security import PAGE_CSP, REPORT_CSP, Guard, api_key_header
 from pneumoscope.serve.study_report import build_report, render_html
 from pneumoscope.serve.uploads import add_upload_error_handlers, decode_upload
-from pneumoscope.serve.worker import ModelWorker, Scored
 from pneumoscope.studydb.db import ModelRecord, PredictionRecord, StudyDB
 from pneumoscope.studydb.records import Upload, heatmap_overlay, prediction_record
 from pneumoscope.trust.explain import heatmaps
@@ -149,7 +149,7 @@ def create_app(checkpoint=None, db_path: str | Path = "pneumoscope-studies.db", 
     predictor = checkpoint if isinstance(checkpoint, Predictor) else load(checkpoint, device=device)
     info = predictor.info
     model = ModelRecord.of(info, pseudonymized=pseudonymize_salt is not None)
-    svc = Service(predictor, ModelWorker(predictor), StudyDB(db_path), model, api_key, pseudonymize_salt)
+    svc = Service(predictor, ModelWorker(predictor, heatmap_fn=heatmaps), StudyDB(db_path), model, api_key, pseudonymize_salt)
     _warm_up(svc)
     log.info("serving %s %s (%s), threshold %.3f, input %d px; study database %s (schema %d)", info["name"],
              info.get("version"), info["checksum"][:19], predictor.threshold, svc.size, svc.db.path, svc.db.version)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from pneumoscope.inference.prediction import Prediction
-from pneumoscope.serve.app import MAX_FILES, ModelWorker, create_app
+from pneumoscope.serve.app import MAX_FILES, create_app
 from pneumoscope.serve.study_report import REPORT_SCHEMA
 from pneumoscope.studydb.schema import revisions
 from tests.serve.test_study_report import validate
@@ -151,38 +149,6 @@ def test_files_of_one_request_share_one_model_call(make_app, predictor, jpegs, m
         r = c.post("/predict?heatmap=false", headers=H, files=upload(*jpegs[:5]))
     assert r.status_code == 200 and len(r.json()["results"]) == 5
     assert calls == [5]
-
-
-def test_model_worker_batches_concurrent_requests_and_survives_errors():
-    gate, entered, seen = threading.Event(), threading.Event(), []
-
-    class Fake:
-        def predict(self, items, **kw):
-            seen.append(len(items))
-            if len(seen) == 1:
-                entered.set()
-                gate.wait(10)  # hold the worker while the next jobs queue up
-            if any(int(i[0, 0]) == 255 for i in items):
-                raise RuntimeError("boom")
-            return [Prediction(path="array", probability=float(i[0, 0]) / 255) for i in items]
-
-    w = ModelWorker(Fake())
-    img = lambda v: np.full((4, 4), v, np.uint8)  # noqa: E731
-    first = w.submit([img(1)])
-    assert entered.wait(10)
-    gone = w.submit([img(7)])
-    later = [w.submit([img(2), img(3)]), w.submit([img(4)]), w.submit([img(5)])]
-    assert gone.cancel()  # its client went away: the worker skips it
-    gate.set()
-    assert first.result(10)[0].prediction.probability == pytest.approx(1 / 255)
-    assert [[x.prediction.probability * 255 for x in f.result(10)] for f in later] == [[2, 3], [4], [5]]
-    assert seen == [1, 4]  # the three queued requests ran as one batch of 4 images
-    assert gone.cancelled()
-    bad = w.submit([img(255)])
-    with pytest.raises(RuntimeError, match="boom"):
-        bad.result(10)
-    assert w.submit([img(6)]).result(10)[0].prediction.probability == pytest.approx(6 / 255)  # still alive
-    w.close()
 
 
 def test_duplicate_upload_is_one_study_but_every_request_is_recorded(client, make_app, jpegs):

@@ -1,11 +1,14 @@
 """The one thread that runs the model: requests queue their images, the thread batches whatever is waiting into
 one forward pass (and Grad-CAM when asked), so concurrent requests share the model instead of fighting over the
-CPU cores. No added wait when idle, bigger batches under load."""
+CPU cores. No added wait when idle, bigger batches under load. Used by the service (serve/app.py) and the DICOM
+node (dicom/listen.py) alike; the Grad-CAM function is handed in (``trust.explain.heatmaps``), so this room does
+not import the one above it."""
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -13,7 +16,6 @@ import numpy as np
 
 from pneumoscope.inference.assess import heatmap_shown
 from pneumoscope.inference.prediction import Prediction
-from pneumoscope.trust.explain import heatmaps
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +42,12 @@ class ModelWorker:
     waiting in the queue (up to ``max_batch`` images) and runs them as one batch: no added wait when idle,
     bigger batches under load."""
 
-    def __init__(self, predictor, max_batch: int = 32) -> None:
+    def __init__(self, predictor, max_batch: int = 32,
+                 heatmap_fn: Callable[..., np.ndarray] | None = None) -> None:
+        """``heatmap_fn(predictor, images_u8) -> (N, S, S)`` maps (``trust.explain.heatmaps``); None: no maps."""
         self.predictor = predictor
         self.max_batch = max_batch
+        self.heatmap_fn = heatmap_fn
         self._q: queue.Queue[_Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -102,9 +107,9 @@ class ModelWorker:
         owners = [j for j in jobs for _ in j.images]
         # a map only for a film labelled PNEUMONIA (inference.assess.HEATMAP_RULE)
         wanted = [i for i, j in enumerate(owners) if j.heatmaps and heatmap_shown(results[i].prediction.label or "")]
-        if wanted:
+        if wanted and self.heatmap_fn is not None:
             try:
-                for i, m in zip(wanted, heatmaps(self.predictor, np.stack([images[i] for i in wanted]))):
+                for i, m in zip(wanted, self.heatmap_fn(self.predictor, np.stack([images[i] for i in wanted]))):
                     results[i].heat = m
             except Exception as e:  # noqa: BLE001 - a missing heatmap must not fail the prediction itself
                 log.exception("Grad-CAM failed for a batch of %d image(s)", len(wanted))
