@@ -11,6 +11,7 @@ throughput >= 500 images/s.
     python benchmarks/inference.py                    # both models, 1 thread and all threads
     python benchmarks/inference.py --models seed_cnn:150 --iters 200 --json out.json
     python benchmarks/inference.py --pipeline FOLDER          # predict end to end vs a bare decode + ONNX loop
+    python benchmarks/inference.py --checkpoint model.pt --threads 2   # a trained model (an ensemble: all members)
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from pneumoscope.inference.onnx import (
     quantize_onnx,
 )
 from pneumoscope.inference.predictor import Predictor
+from pneumoscope.models.checkpoint import load_checkpoint, model_from_checkpoint
 from pneumoscope.models.registry import create_model
 from pneumoscope.studies.bench import describe, device_description
 
@@ -126,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="only issue 27's comparison: predict on the films of DIR end to end vs a bare decode + ONNX "
                          "Runtime loop, same run (e.g. a 624-film folder)")
     ap.add_argument("--n", type=int, default=624, help="films of --pipeline DIR (default 624)")
+    ap.add_argument("--checkpoint", type=Path, help="time this trained model (all members of an ensemble together) "
+                                                     "instead of --models; PyTorch fp32 and ONNX Runtime only")
     args = ap.parse_args(argv)
     if args.pipeline:
         r = pipeline_vs_bare(args.pipeline, args.n)
@@ -149,18 +153,24 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for spec in args.models.split(","):
-            name, size = spec.split(":")[0], int(spec.split(":")[1])
-            model = build(name, size)
-            onnx_path = export_model(model, model.preprocess, Path(tmp) / f"{name}.onnx")
-            int8_path = quantize_onnx(onnx_path, Path(tmp) / f"{name}.int8.onnx",
-                                      calibration_images(args.data / "train", size))
+        for spec in [f"checkpoint:{args.checkpoint}"] if args.checkpoint else args.models.split(","):
+            if args.checkpoint:
+                model = model_from_checkpoint(load_checkpoint(args.checkpoint)).eval()
+                name, size = f"{args.checkpoint.name} ({model.arch['name']})", model.preprocess.input_size
+            else:
+                name, size = spec.split(":")[0], int(spec.split(":")[1])
+                model = build(name, size)
+            onnx_path = export_model(model, model.preprocess, Path(tmp) / "model.onnx")
+            int8_path = None if args.checkpoint else quantize_onnx(
+                onnx_path, Path(tmp) / f"{name}.int8.onnx", calibration_images(args.data / "train", size))
             batch = np.stack([load_uint8(p, size) for p in paths[: args.batch_size]])
             for threads in thread_counts:
                 torch.set_num_threads(threads)
-                backends = {"pytorch fp32": torch_logits(model), "pytorch bf16": torch_logits(model, torch.bfloat16),
-                            "onnxruntime": OnnxBackend(onnx_path, threads=threads).logits,
-                            "onnxruntime int8": OnnxBackend(int8_path, threads=threads).logits}
+                backends = {"pytorch fp32": torch_logits(model),
+                            "onnxruntime": OnnxBackend(onnx_path, threads=threads).logits}
+                if int8_path is not None:
+                    backends.update({"pytorch bf16": torch_logits(model, torch.bfloat16),
+                                     "onnxruntime int8": OnnxBackend(int8_path, threads=threads).logits})
                 for bname, fn in backends.items():
                     wall, cpu = throughput(fn, batch, args.seconds)
                     r = {"model": name, "size": size, "backend": bname, "threads": threads,
