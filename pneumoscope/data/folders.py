@@ -234,59 +234,52 @@ def _patient_groups(samples: list[Sample]) -> dict[str, list[int]]:
     return groups
 
 
-def split_by_patient(samples: list[Sample], val_fraction: float, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
-    """Patient-level train/validation split, stratified by class.
-
-    A patient's stratum is the most common label among its images; within each stratum a seeded shuffle of
-    patients (sorted first, so the result does not depend on input order) sends ``round(val_fraction * n)``
-    patients to validation. Patients sharing a byte-identical image are treated as one. No patient is on both sides.
-    """
-    if not 0.0 < val_fraction < 1.0:
-        raise DatasetLayoutError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+def _split_patients(samples: list[Sample], seed: int, pick) -> tuple[list[Sample], list[Sample]]:
+    """(train, validation) by patient: group the samples by patient (byte-identical images merge patients), put each
+    patient in the stratum of its most common label, shuffle each stratum's patients (sorted first, so the result
+    does not depend on input order; seeded) and send ``pick(shuffled patients)`` of every stratum to validation."""
     groups = _patient_groups(samples)
     strata: dict[int, list[str]] = defaultdict(list)
     for pid, idx in groups.items():
-        label = Counter(samples[i].label for i in idx).most_common(1)[0][0]
-        strata[label].append(pid)
+        strata[Counter(samples[i].label for i in idx).most_common(1)[0][0]].append(pid)
     rng = np.random.default_rng(seed)
     val_pids: set[str] = set()
     for label in sorted(strata, key=lambda x: (x is None, x)):
         pids = sorted(strata[label])
         rng.shuffle(pids)
-        n_val = int(round(val_fraction * len(pids)))
-        if len(pids) >= 2:
-            n_val = min(max(n_val, 1), len(pids) - 1)
-        val_pids.update(pids[:n_val])
+        val_pids.update(pick(pids))
     train = [samples[i] for pid, idx in groups.items() if pid not in val_pids for i in idx]
     val = [samples[i] for pid, idx in groups.items() if pid in val_pids for i in idx]
     key = lambda s: str(s.path)  # noqa: E731
     return sorted(train, key=key), sorted(val, key=key)
 
 
-def fold_by_patient(samples: list[Sample], k: int, i: int, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
-    """Patient-level stratified k-fold: (train, validation) of fold ``i`` (1-based) of ``k``.
+def split_by_patient(samples: list[Sample], val_fraction: float, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """Patient-level train/validation split, stratified by class (``_split_patients``): ``round(val_fraction * n)``
+    patients of each stratum (at least one, never all, when it has two or more) validate. No patient is on both
+    sides."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DatasetLayoutError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
 
-    Patients are grouped and stratified as in ``split_by_patient``; within each stratum a seeded shuffle deals the
-    patients to the k folds in turn, so the k validation folds are disjoint, cover every image once, and keep the
-    class shares. No patient is on both sides of any fold."""
+    def pick(pids: list[str]) -> list[str]:
+        n_val = int(round(val_fraction * len(pids)))
+        if len(pids) >= 2:
+            n_val = min(max(n_val, 1), len(pids) - 1)
+        return pids[:n_val]
+
+    return _split_patients(samples, seed, pick)
+
+
+def fold_by_patient(samples: list[Sample], k: int, i: int, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """Patient-level stratified k-fold (``_split_patients``): (train, validation) of fold ``i`` (1-based) of ``k``.
+    Each stratum's shuffled patients are dealt to the k folds in turn, so the k validation folds are disjoint, cover
+    every image once and keep the class shares. No patient is on both sides of any fold."""
     if not 2 <= k or not 1 <= i <= k:
         raise DatasetLayoutError(f"fold {i} of {k} is invalid: need 2 <= k and 1 <= i <= k")
-    groups = _patient_groups(samples)
-    strata: dict[int, list[str]] = defaultdict(list)
-    for pid, idx in groups.items():
-        strata[Counter(samples[j].label for j in idx).most_common(1)[0][0]].append(pid)
-    rng = np.random.default_rng(seed)
-    val_pids: set[str] = set()
-    for label in sorted(strata, key=lambda x: (x is None, x)):
-        pids = sorted(strata[label])
-        rng.shuffle(pids)
-        val_pids.update(pids[i - 1::k])
-    train = [samples[j] for pid, idx in groups.items() if pid not in val_pids for j in idx]
-    val = [samples[j] for pid, idx in groups.items() if pid in val_pids for j in idx]
+    train, val = _split_patients(samples, seed, lambda pids: pids[i - 1::k])
     if not train or not val:
         raise DatasetLayoutError(f"fold {i} of {k}: too few patients for {k} folds")
-    key = lambda s: str(s.path)  # noqa: E731
-    return sorted(train, key=key), sorted(val, key=key)
+    return train, val
 
 
 def expand_paths(inputs: list[str | Path], broken_links: bool = False) -> list[Path]:

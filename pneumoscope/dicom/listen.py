@@ -44,7 +44,7 @@ from pynetdicom.sop_class import (
 
 from pneumoscope.data.intake import from_dataset
 from pneumoscope.dicom.outbox import Outbox
-from pneumoscope.dicom.results import model_identity, probability_of, result_datasets
+from pneumoscope.dicom.results import model_identity, result_datasets
 from pneumoscope.errors import ImageReadError
 from pneumoscope.inference.loader import load
 from pneumoscope.inference.predictor import Predictor
@@ -128,7 +128,7 @@ class Pipeline:
         latency_ms = (time.perf_counter() - t0) * 1000.0
         stored = self.db.add_predictions([prediction_record(u, r, latency_ms, png)], self.model)[0]
         log.info("predicted %s from %s: %s, probability %.4f (study %s%s)", sop_uid, source, r.label,
-                 probability_of(r), stored["study_id"], ", received before" if stored["duplicate"] else "")
+                 r.score, stored["study_id"], ", received before" if stored["duplicate"] else "")
         return result_datasets(ds, r, self.predictor.info, png)
 
     def close(self) -> None:

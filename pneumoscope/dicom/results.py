@@ -55,11 +55,6 @@ UNITLESS = hd.sr.CodedConcept("1", "UCUM", "no units")
 FINDINGS = {"PNEUMONIA": PRESENT, "NORMAL": ABSENT, NOT_ASSESSED: NOT_ASSESSED_CODE}
 
 
-def probability_of(r: Prediction) -> float:
-    """The probability the label comes from: the calibrated one when the model is calibrated."""
-    return float(r.score)
-
-
 def model_identity(info: dict) -> tuple[str, str, str]:
     """(name, version, checksum): what the SR's algorithm identification holds and ``sync`` compares to tell whether
     a study was already assessed by this model."""
@@ -104,7 +99,7 @@ def structured_report(source: Dataset, r: Prediction, model: dict) -> Dataset:
     source = reference(source)
     name, version, checksum = model_identity(model)
     algorithm = hd.sr.AlgorithmIdentification(name=name, version=version, parameters=[checksum])
-    measurements = [_measurement(PROBABILITY, probability_of(r)), _measurement(THRESHOLD, r.threshold),
+    measurements = [_measurement(PROBABILITY, float(r.score)), _measurement(THRESHOLD, r.threshold),
                     _measurement(RAW_PROBABILITY, r.probability)]
     if r.ood_score is not None:
         measurements.append(_measurement(OOD_SCORE, r.ood_score))
