@@ -53,7 +53,8 @@ def start_server(checkpoint: Path, db: str, port: int, log_path: Path, threads: 
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "pneumoscope", "serve", "--checkpoint", str(checkpoint), "--db", str(db),
-           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--workers", str(workers)]
+           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--workers", str(workers),
+           *(["--threads", str(threads)] if threads else [])]
     proc = subprocess.Popen(cmd, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=env, cwd=log_path.parent)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -82,11 +83,28 @@ def db_counts(db: str, shared_sha: str) -> tuple[int, int, int]:
         engine.dispose()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children so far (Linux /proc; NaN elsewhere): the server's
+    worker processes are its children."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    try:
+        pids = [pid, *(int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+        for p in pids:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return total
+
+
 def run_phase(url: str, payloads: list[tuple[str, bytes]], clients: int, requests: int, heatmap: bool,
-              max_seconds: float, shared: tuple[str, bytes] | None = None, same_image_clients: int = 0) -> dict:
+              max_seconds: float, shared: tuple[str, bytes] | None = None, same_image_clients: int = 0,
+              server_pid: int | None = None) -> dict:
     """``clients`` threads, each sending up to ``requests`` uploads (stopping at the deadline); the first
     ``same_image_clients`` send ``shared`` every time (the same file, concurrently). ``names``: the distinct
-    uploads that were answered."""
+    uploads that were answered. The CPU time of this process (the load generator, which shares the machine with the
+    server) and of the server during the phase say where the cores went."""
     latencies: list[float] = []
     stages: dict[str, list[float]] = {}
     errors: list[str] = []
@@ -126,15 +144,20 @@ def run_phase(url: str, payloads: list[tuple[str, bytes]], clients: int, request
     for t in threads:
         t.start()
     start.wait()
-    t0 = time.perf_counter()
+    t0, client0 = time.perf_counter(), time.process_time()
+    server0 = cpu_seconds(server_pid) if server_pid else float("nan")
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    client_cpu = time.process_time() - client0
+    server_cpu = (cpu_seconds(server_pid) - server0) if server_pid else float("nan")
     lat = np.array(latencies) if latencies else np.array([float("nan")])
     return {"heatmap": heatmap, "clients": clients, "ok": len(latencies), "errors": len(errors), "names": answered,
             "first_errors": errors[:3], "seconds": round(wall, 2), "throughput_rps": round(len(latencies) / wall, 1),
             "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1),
             "max_ms": round(float(lat.max()), 1),
+            "cpu_s": {"load_generator": round(client_cpu, 2), "server": round(server_cpu, 2),
+                      "available": round(wall * (os.cpu_count() or 1), 2)},
             "server_stages_p50_p99_ms": {n: [round(float(np.percentile(v, 50)), 1), round(float(np.percentile(v, 99)), 1)]
                                          for n, v in stages.items()}}
 
@@ -148,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of JPEGs (searched recursively)")
     p.add_argument("--n-images", type=int, default=40, help="distinct images uploaded (default 40)")
     p.add_argument("--max-seconds", type=float, default=120.0, help="per phase: no new request after this")
-    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the server")
+    p.add_argument("--threads", type=int, help="`serve --threads` (ONNX Runtime) and OMP_NUM_THREADS (PyTorch) of the server")
     p.add_argument("--workers", type=int, default=1, help="`serve --workers` (default 1)")
     p.add_argument("--db", default="sqlite", help="sqlite (a temporary file, default), postgresql (a temporary "
                                                   "server of its own, needs Debian's postgresql), or a --db URL/path")
@@ -181,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             before = db_counts(db, digest[shared[0]])[0]
             for heatmap in phases:
                 r = run_phase(url, payloads, args.clients, args.requests, heatmap, args.max_seconds, shared,
-                              args.same_image_clients)
+                              args.same_image_clients, proc.pid)
                 seen |= r.pop("names")
                 rows, studies, shared_studies = db_counts(db, digest[shared[0]])
                 expected = len({digest[n] for n in seen})
@@ -206,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
               f"max {r['max_ms']:7.1f} ms  db rows +{r['db_rows_added']}, studies {r['studies']} (shared image: "
               f"{r['shared_image_studies']}) ({'ok' if r['db_ok'] else 'MISMATCH'})")
         print("   server stages p50/p99 ms:", ", ".join(f"{n} {a}/{b}" for n, (a, b) in r["server_stages_p50_p99_ms"].items()))
+        c = r["cpu_s"]
+        print(f"   CPU seconds: server {c['server']}, load generator {c['load_generator']}, of {c['available']} "
+              f"({os.cpu_count()} cores x the phase's wall time)")
         for e in r["first_errors"]:
             print("   error:", e)
     if args.json:

@@ -22,7 +22,7 @@ from pneumoscope.errors import ConfigError
 RANGES: dict = {
     "port": (1, 65535), "max_upload_mb": (0.01, 4096.0), "max_connections": (1, 100_000), "alpha": (1e-6, 0.5),
     "gradcam_n": (0, 100_000), "hours": (0.01, 24.0 * 366), "opset": (13, 23), "seed": (0, 2**32 - 1),
-    "limit": (0, 100_000_000), ("serve", "workers"): (1, 64), "retry_seconds": (0.1, 86_400.0),
+    "limit": (0, 100_000_000), ("serve", "workers"): (1, 64), ("serve", "threads"): (0, 256), "retry_seconds": (0.1, 86_400.0),
 }
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,2})?)$")
 HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")

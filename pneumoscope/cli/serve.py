@@ -34,11 +34,14 @@ def _serve(args: argparse.Namespace) -> int:
                     "set $%s", args.host, API_KEY_ENV)
     engine_for(args.db).dispose()  # a missing folder, a file that is no database: said now, before the model loads
     max_upload = int(args.max_upload_mb * 2**20)
+    # each worker's model gets its share of the cores (two workers of 2 threads on 2 cores: p99 811 vs 602 ms with
+    # 1 thread each, docs/service.md)
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     if args.workers <= 1:
         from pneumoscope.serve.app import create_app
 
         app = create_app(args.checkpoint, args.db, api_key=api_key, pseudonymize_salt=salt,
-                         max_upload_bytes=max_upload, device=args.device)
+                         max_upload_bytes=max_upload, device=args.device, threads=args.threads)
         uvicorn.run(app, host=args.host, port=args.port, log_level="info", limit_concurrency=args.max_connections)
         return 0
     _serve_workers(args, api_key, max_upload, uvicorn)
@@ -57,7 +60,8 @@ def _serve_workers(args: argparse.Namespace, api_key: str | None, max_upload: in
         raise CheckpointError(f"checkpoint {args.checkpoint} not found: pass the best.pt of a run, or no "
                               "--checkpoint for the bundled model")
     StudyDB(args.db).close()  # check --db and migrate once, before the workers start
-    os.environ[SETTINGS_ENV] = settings_json(args.checkpoint, args.db, args.pseudonymize, max_upload, args.device)
+    os.environ[SETTINGS_ENV] = settings_json(args.checkpoint, args.db, args.pseudonymize, max_upload, args.device,
+                                                 args.threads)
     if api_key:
         os.environ[API_KEY_ENV] = api_key
     # the workers share the cores: without a setting of the operator's, each gets its share of torch threads
@@ -82,6 +86,8 @@ def register(sub) -> None:
     s.add_argument("--device", default="auto")
     s.add_argument("--workers", type=int, default=1,
                    help="worker processes, each with its own copy of the model (default 1); they share --db")
+    s.add_argument("--threads", type=int, default=0,
+                   help="ONNX Runtime threads of each worker's model (default 0: the cores divided among the workers)")
     s.set_defaults(func=_serve)
     _register_db(sub)
 

@@ -175,7 +175,7 @@ def reference_features(predictor, images_u8: np.ndarray, space: str) -> np.ndarr
         return embed(predictor, images_u8)
     if space != NAME:
         raise ValueError(f"unknown out-of-distribution feature space {space!r}; known: model, {NAME}")
-    return features(images_u8)
+    return features(images_u8, threads=getattr(predictor, "threads", 0))
 
 
 def reference_from_images(predictor, images_u8: np.ndarray, quantile: float = 0.99,

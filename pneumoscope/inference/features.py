@@ -82,10 +82,11 @@ def extractor() -> StatsFeatures:
     return StatsFeatures()
 
 
-@lru_cache(maxsize=1)
-def runtime_session():
+@lru_cache(maxsize=4)
+def runtime_session(threads: int = 0):
     """ONNX Runtime session of ``StatsFeatures.core`` (exported once into the cache and checked against PyTorch
-    within 1e-4), or None without onnxruntime or when the check fails: then PyTorch computes the features."""
+    within 1e-4), or None without onnxruntime or when the check fails: then PyTorch computes the features.
+    ``threads``: intra-op threads (0 = ONNX Runtime's default, one per physical core)."""
     if find_spec("onnxruntime") is None:
         return None
     import onnxruntime as ort
@@ -108,6 +109,8 @@ def runtime_session():
         os.replace(tmp, path)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as inference/onnx.py
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     got = session.run(None, {"x": example.contiguous().numpy()})[0]
@@ -118,9 +121,10 @@ def runtime_session():
     return session
 
 
-def features(images_u8: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """(N, 624) float32 features of uint8 grey images (N, S, S): ONNX Runtime when available, else PyTorch."""
-    net, session = extractor(), runtime_session()
+def features(images_u8: np.ndarray, batch_size: int = 64, threads: int = 0) -> np.ndarray:
+    """(N, 624) float32 features of uint8 grey images (N, S, S): ONNX Runtime (``threads`` intra-op threads, 0 = its
+    default) when available, else PyTorch."""
+    net, session = extractor(), runtime_session(threads)
     x = torch.from_numpy(np.ascontiguousarray(images_u8))
     if x.ndim == 4:
         x = x[:, 0]

@@ -21,18 +21,19 @@ log = logging.getLogger(__name__)
 
 
 def load(checkpoint: str | Path | None = None, device: str = "auto", precision: str = "fp32",
-         backend: str = "auto") -> Predictor:
+         backend: str = "auto", threads: int = 0) -> Predictor:
     """A predictor from a checkpoint file (``None`` = the bundled default model).
 
     ``backend``: "auto" computes the logits with ONNX Runtime on the CPU (fp32) when it is installed and the model
     exports and agrees with PyTorch within 1e-4 (``onnx.cached_backend``: exported once per checkpoint, 5x faster
     for EfficientNet-Lite0 on the development CPU, docs/speed.md), else with PyTorch; "torch" always PyTorch. The
-    PyTorch model is kept either way (Grad-CAM, embeddings)."""
+    PyTorch model is kept either way (Grad-CAM, embeddings). ``threads``: ONNX Runtime's intra-op threads for the
+    model and the OOD features (0 = one per physical core; the service gives each worker its share)."""
     if backend not in ("auto", "torch"):
         raise ConfigError(f"backend={backend!r} is invalid: use auto or torch")
     path = Path(checkpoint) if checkpoint else default_checkpoint()
     if path.suffix.lower() == ".onnx":  # exported by pneumoscope export: preprocessing and threshold inside
-        return load_onnx_predictor(path)
+        return load_onnx_predictor(path, threads)
     ckpt = load_checkpoint(path)
     dev = pick_device(device)
     model = model_from_checkpoint(ckpt).to(dev).to(memory_format=torch.channels_last)
@@ -55,9 +56,9 @@ def load(checkpoint: str | Path | None = None, device: str = "auto", precision: 
     pre, amp = model.preprocess, pick_precision(precision, dev)
     runtime = None
     if backend == "auto" and dev.type == "cpu" and amp is None and find_spec("onnxruntime") is not None:
-        runtime = cached_backend(model, pre, info["checksum"].removeprefix("sha256:")[:32])
+        runtime = cached_backend(model, pre, info["checksum"].removeprefix("sha256:")[:32], threads)
     info["backend"] = "onnxruntime" if runtime is not None else "pytorch"
     return Predictor(model=model, preprocess=pre, ood_reference=ood_reference,
                      label_names=tuple(ckpt["label_names"]), threshold=float(threshold),
                      temperature=ckpt.get("temperature"), calibration_bias=float(ckpt.get("calibration_bias") or 0.0),
-                     info=info, device=dev, amp=amp, backend=runtime)
+                     info=info, device=dev, amp=amp, backend=runtime, threads=threads)

@@ -266,4 +266,4 @@ def load_onnx_predictor(onnx_path: str | Path, threads: int = 0):
             "label_names": list(backend.label_names), "backend": "onnxruntime"}
     return Predictor(model=None, preprocess=backend.preprocess, label_names=backend.label_names,
                      threshold=float(threshold), temperature=backend.temperature,
-                     calibration_bias=backend.calibration_bias, info=info, backend=backend)
+                     calibration_bias=backend.calibration_bias, info=info, backend=backend, threads=threads)

@@ -44,6 +44,7 @@ class Predictor:
     amp: torch.dtype | None = None
     backend: object | None = None  # e.g. inference.onnx.OnnxBackend: .logits(batch_u8) -> np.ndarray
     ood_reference: EmbeddingReference | ReferenceSet | None = None  # shipped in the checkpoint, if any
+    threads: int = 0  # ONNX Runtime intra-op threads of the model and the OOD features (0 = one per core)
 
     # -- the one intake (data/intake.py): decoded once, exactly as training decoded it
     def intake(self, item, quality: bool = True) -> Intake:

@@ -139,14 +139,15 @@ class Service:
 
 def create_app(checkpoint=None, db_path: str | Path = "pneumoscope-studies.db", api_key: str | None = None,
                pseudonymize_salt: str | None = None, max_upload_bytes: int = 20 * 2**20,
-               device: str = "auto") -> FastAPI:
+               device: str = "auto", threads: int = 0) -> FastAPI:
     """The service. ``checkpoint``: a best.pt path, None for the bundled model, or a loaded ``Predictor``.
 
     ``api_key``: required as the X-API-Key header on every endpoint but /health, the page and the docs.
     ``pseudonymize_salt``: store HMAC-SHA-256 pseudonyms of DICOM PatientID and StudyInstanceUID instead of them.
     ``max_upload_bytes``: request body limit (413 above it).
+    ``threads``: ONNX Runtime intra-op threads of the model thread (0 = one per core; ``serve`` passes its choice).
     """
-    predictor = checkpoint if isinstance(checkpoint, Predictor) else load(checkpoint, device=device)
+    predictor = checkpoint if isinstance(checkpoint, Predictor) else load(checkpoint, device=device, threads=threads)
     info = predictor.info
     model = ModelRecord.of(info, pseudonymized=pseudonymize_salt is not None)
     svc = Service(predictor, ModelWorker(predictor, heatmap_fn=heatmaps), StudyDB(db_path), model, api_key, pseudonymize_salt)

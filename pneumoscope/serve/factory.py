@@ -12,9 +12,10 @@ API_KEY_ENV = "PNEUMOSCOPE_API_KEY"
 SALT_ENV = "PNEUMOSCOPE_PSEUDONYM_SALT"
 
 
-def settings_json(checkpoint: str | None, db: str, pseudonymize: bool, max_upload_bytes: int, device: str) -> str:
+def settings_json(checkpoint: str | None, db: str, pseudonymize: bool, max_upload_bytes: int, device: str,
+                  threads: int = 0) -> str:
     return json.dumps({"checkpoint": checkpoint, "db": str(db), "pseudonymize": pseudonymize,
-                       "max_upload_bytes": max_upload_bytes, "device": device})
+                       "max_upload_bytes": max_upload_bytes, "device": device, "threads": threads})
 
 
 def app_from_env():
@@ -24,4 +25,5 @@ def app_from_env():
     s = json.loads(os.environ[SETTINGS_ENV])
     return create_app(s["checkpoint"], s["db"], api_key=os.environ.get(API_KEY_ENV) or None,
                       pseudonymize_salt=os.environ.get(SALT_ENV) if s["pseudonymize"] else None,
-                      max_upload_bytes=s["max_upload_bytes"], device=s["device"])
+                      max_upload_bytes=s["max_upload_bytes"], device=s["device"],
+                      threads=int(s.get("threads", 0)))

@@ -183,3 +183,24 @@ def test_load_predicts_with_onnx_runtime_that_agrees_with_pytorch(tiny_checkpoin
     net = F.extractor()
     torch_feats = net.core(net.prepare(torch.from_numpy(big))).numpy()
     np.testing.assert_allclose(ort, torch_feats, atol=1e-4, rtol=1e-4)
+
+
+def test_threads_reach_both_onnx_runtime_sessions(tiny_checkpoint, chest_xray, tmp_path, monkeypatch):
+    """``load(threads=N)`` (``serve --threads``) sets the intra-op threads of the model's session and of the OOD
+    features' session; the answers do not depend on it."""
+    import numpy as np
+
+    from pneumoscope.data.intake import load_uint8
+    from pneumoscope.inference import features as F
+    from pneumoscope.inference.loader import load
+
+    monkeypatch.setenv("PNEUMOSCOPE_CACHE", str(tmp_path / "cache"))
+    one, default = load(tiny_checkpoint, device="cpu", threads=1), load(tiny_checkpoint, device="cpu")
+    assert one.threads == 1 and one.backend.session.get_session_options().intra_op_num_threads == 1
+    assert default.backend.session.get_session_options().intra_op_num_threads == 0  # ONNX Runtime's own choice
+    assert F.runtime_session(1).get_session_options().intra_op_num_threads == 1
+    files = sorted((chest_xray / "train" / "NORMAL").glob("*.jpeg"))[:4]
+    u8 = np.stack([load_uint8(f, one.preprocess.input_size) for f in files])
+    np.testing.assert_allclose(one.logits(u8), default.logits(u8), atol=1e-5)
+    big = np.stack([load_uint8(f, 224) for f in files])
+    np.testing.assert_allclose(F.features(big, threads=1), F.features(big), atol=1e-5)
