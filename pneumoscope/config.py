@@ -27,6 +27,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "blur": (0.0, 20.0), "downsample": (0.0, 4.0), "border_crop": (0.0, 0.4), "jpeg": (0, 95), "noise": (0.0, 1.0),
     "patience": (1, 1000), "threads": (0, 256), "workers": (0, 256),
     "limit": (0, 100_000_000), "freeze_epochs": (0, 1000), "backbone_lr_mult": (0.0, 100.0),
+    "mixup": (0.0, 10.0),
 }
 OPEN = {"lr": "(lo", "val_fraction": "(lo hi)", "label_smoothing": "hi)"}
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -117,6 +118,7 @@ class TrainConfig:
     seed: int = 0
     imbalance: str = "weighted"  # weighted (class-weighted loss) | sampler (balanced sampling) | none
     label_smoothing: float = 0.0
+    mixup: float = 0.0  # mixup: each batch blended with a shuffled copy, weight ~ Beta(mixup, mixup), labels alike; 0 = off
     augment: bool = True
     rotate_deg: float = 10.0  # random affine: rotation in degrees (uniform +-)
     scale: float = 0.10  # zoom +- fraction

@@ -28,6 +28,7 @@ TRAIN_FLAGS = {  # key -> help; every key is a TrainConfig field / YAML key (tes
     "out": "run folder (default runs/<model>-<labels>-<size>px-seed<seed>)",
     "imbalance": "weighted | sampler | none",
     "label_smoothing": "label smoothing of the loss",
+    "mixup": "mixup alpha: blend image pairs and their labels, weight ~ Beta(alpha, alpha) (0: off)",
     "threshold": "youden | sensitivity:0.95",
     "patience": "early stopping patience in epochs",
     "precision": "auto | bf16 | fp16 | fp32",

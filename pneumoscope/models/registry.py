@@ -59,7 +59,7 @@ def create_model(name: str, *, num_classes: int = 1, image_size: int | None = No
 
     `intensity` (none | equalize | clahe) is stored in `model.preprocess` (data/intensity.py), not in `arch`.
 
-    pretrained=True loads weights shipped by an installed package (efficientnet_lite0 only); `weights`
+    pretrained=True loads weights shipped by an installed package (efficientnet_lite0/1/2 only); `weights`
     overrides it. Raises ConfigError for an unknown name, bad image_size/num_classes or kwargs, and
     CheckpointError for a missing or incompatible weights file.
     """

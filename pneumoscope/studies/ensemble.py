@@ -15,7 +15,9 @@ ensemble), and the checkpoint's ``metrics`` are out-of-fold figures over all tra
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ from pneumoscope.errors import CheckpointError
 from pneumoscope.evaluation.calibration import fit_calibration_and_threshold
 from pneumoscope.evaluation.evaluate import evaluation_samples
 from pneumoscope.evaluation.metrics import binary_metrics, bootstrap_ci
+from pneumoscope.inference.onnx import OnnxBackend, cached_backend
 from pneumoscope.inference.runtime import pneumonia_score, predict_logits
 from pneumoscope.models.checkpoint import (
     load_checkpoint,
@@ -104,12 +107,40 @@ def member_folds(ckpt: dict, data_dir: str | Path) -> list[list]:
             for m in ckpt["ensemble_members"]]
 
 
-def oof_logits(ens: Ensemble, images_u8: np.ndarray, fold: np.ndarray) -> np.ndarray:
+def member_runtime(ens: Ensemble, i: int) -> OnnxBackend | None:
+    """ONNX Runtime copy of member ``i`` (exported once into the ONNX cache, keyed by its weights, and checked against
+    PyTorch within 1e-4 by ``inference.onnx.cached_backend``), or None (no onnxruntime, another input size or
+    intensity method than the ensemble's, or no agreement)."""
+    member = ens.members[i]
+    same_pixels = [(q.input_size, q.channels, q.intensity) for q in (member.preprocess, ens.preprocess)]
+    if find_spec("onnxruntime") is None or same_pixels[0] != same_pixels[1]:
+        return None  # (the mean and std may differ: the member's copy normalises the uint8 input itself)
+    h = hashlib.sha256()
+    for name, t in member.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return cached_backend(member, member.preprocess, "member-" + h.hexdigest()[:32])
+
+
+def _member_logit(z: np.ndarray, t: float, b: float) -> np.ndarray:
+    """``OneMember``'s output from the member's raw logits, in float32 as PyTorch computes it."""
+    p = (1.0 / (1.0 + np.exp(-(z[:, :1].astype(np.float32) / np.float32(t) + np.float32(b))))).astype(np.float32)
+    p = np.clip(p, np.float32(1e-6), np.float32(1 - 1e-6))
+    return np.log(p) - np.log1p(-p)
+
+
+def oof_logits(ens: Ensemble, images_u8: np.ndarray, fold: np.ndarray, backend: str = "auto") -> np.ndarray:
     """Logits (N, 1) of images whose member is ``fold`` (member i scores the images of fold i): each the logit of
-    that member's calibrated probability, as ``Ensemble.forward`` would average them."""
+    that member's calibrated probability, as ``Ensemble.forward`` would average them. ``backend`` "auto": ONNX
+    Runtime where the member's copy agrees with PyTorch (about 3x faster than eager PyTorch on the CPU for the
+    12 shifted copies ``select`` scores), else PyTorch; "torch": PyTorch."""
     z = np.zeros((len(images_u8), 1), np.float32)
     for i in np.unique(fold):
         sel = np.flatnonzero(fold == i)
+        runtime = member_runtime(ens, int(i)) if backend == "auto" else None
+        if runtime is not None:
+            z[sel] = _member_logit(runtime.logits(images_u8[sel]), ens.temperatures[i], ens.biases[i])
+            continue
         x = torch.from_numpy(np.ascontiguousarray(ens.preprocess.standardise(images_u8[sel]))).unsqueeze(1)
         z[sel] = predict_logits(OneMember(ens, int(i)), x, ens.preprocess, torch.device("cpu"), None)
     return z

@@ -33,7 +33,7 @@ from sklearn.metrics import roc_auc_score
 
 from pneumoscope.data.cache import decode_all
 from pneumoscope.data.digest import file_digest
-from pneumoscope.data.folders import expand_paths, scan
+from pneumoscope.data.folders import expand_paths, patient_id_from_name, scan
 from pneumoscope.errors import ConfigError
 from pneumoscope.evaluation.calibration import expected_calibration_error
 from pneumoscope.evaluation.evaluate import evaluation_samples
@@ -42,6 +42,7 @@ from pneumoscope.evaluation.metrics import (
     binary_metrics,
     bootstrap_ci,
     choose_threshold,
+    paired_auc_difference,
 )
 from pneumoscope.inference.loader import load
 from pneumoscope.inference.runtime import pneumonia_score
@@ -261,9 +262,31 @@ def select(checkpoints: list[str | Path], data_dir, external_dir, ensemble: bool
         if len(g) >= 2:
             members = [rows[i] for i in g]
             rows.append(ensemble_row(members, "ensemble(" + "+".join(m["name"] for m in members) + ")"))
+    add_paired_differences(rows)
     for r in rows:
         r.pop("_probs", None)
     return rank(rows)
+
+
+def add_paired_differences(rows: list[dict]) -> None:
+    """For each row scored on exactly the films of an earlier row (e.g. two cross-validated recipes on the same
+    folds): ``paired`` = its AUC minus the earlier row's on those films, with the CI of a patient-level paired
+    bootstrap (evaluation.metrics.paired_auc_difference)."""
+    for i, r in enumerate(rows):
+        pr = r.get("_probs")
+        if not pr or not pr.get("val_paths"):
+            continue
+        for base in rows[:i]:
+            pb = base.get("_probs")
+            if not pb or sorted(pb.get("val_paths") or []) != sorted(pr["val_paths"]):
+                continue
+            order_r, order_b = np.argsort(pr["val_paths"]), np.argsort(pb["val_paths"])
+            y = np.asarray(pr["y_val"])[order_r]
+            patients = [patient_id_from_name(Path(pr["val_paths"][k]).name) for k in order_r]
+            d = paired_auc_difference(y, np.asarray(pb["p_val"])[order_b], np.asarray(pr["p_val"])[order_r],
+                                      groups=patients)
+            r["paired"] = {"against": base["name"], **d}
+            break
 
 
 def recipe_files(spec: str) -> list[Path]:
@@ -338,6 +361,13 @@ def markdown_table(rows: list[dict]) -> str:
             _ci(r.get("site_auc"), r.get("site_auc_ci")),
             _f(r.get("ece")), _f(r.get("lung_box_mass")),
             f"{wall / 60:.1f} min" if wall else "-"]) + " |")
+    lines.append("")
+    for r in rows:
+        d = r.get("paired")
+        if d:
+            lines.append(f"- Paired on the same {d['n']} films: AUC of {r['name']} minus {d['against']} = "
+                         f"{d['difference']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] (patient bootstrap, "
+                         f"{d['n_boot']} resamples).")
     lines.append("")
     lines.append(f"Lung box: x {LUNG_BOX[0]:.0%}-{LUNG_BOX[1]:.0%}, y {LUNG_BOX[2]:.0%}-{LUNG_BOX[3]:.0%} of the input "
                  f"(uniform map = {(LUNG_BOX[1] - LUNG_BOX[0]) * (LUNG_BOX[3] - LUNG_BOX[2]):.2f}). Moderate shifts: "

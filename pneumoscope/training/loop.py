@@ -112,9 +112,14 @@ def train_epoch(run: Run, net, opt, sched, scaler, loss_fn, epoch: int, steps: i
         xb = tr.x[idx].to(device, non_blocking=True).float().div_(255)
         xb = normalize(augment_batch(xb, g, cfg) if cfg.augment else xb, pre)
         yb = tr.y[idx].to(device, non_blocking=True)
+        lam, partner = 1.0, None
+        if cfg.mixup > 0:  # mixup (Zhang et al. 2018): the loss is linear in the target, so mixing losses mixes labels
+            lam = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())
+            partner = torch.randperm(len(idx), generator=g).to(device)
+            xb = lam * xb + (1 - lam) * xb[partner]
         with torch.autocast(device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
             logits = net(xb)
-        loss = loss_fn(logits, yb)
+        loss = loss_fn(logits, yb) if partner is None else lam * loss_fn(logits, yb) + (1 - lam) * loss_fn(logits, yb[partner])
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)

@@ -285,3 +285,20 @@ def test_subgroup_flags_bad_group():
     json.dumps(res)
     with pytest.raises(ConfigError, match="group"):
         M.subgroup_metrics(y, p, 0.5, groups[:10])
+
+
+def test_paired_auc_difference_sees_a_small_real_gain_that_two_separate_cis_cannot():
+    rng = np.random.default_rng(3)
+    y = np.repeat([0, 1], 600)
+    shared = rng.normal(size=y.size) + 1.6 * y  # what both models see
+    p_a = 1 / (1 + np.exp(-(shared + 0.5 * rng.normal(size=y.size))))
+    p_b = 1 / (1 + np.exp(-(shared + 0.5 * rng.normal(size=y.size) + 0.25 * y)))  # slightly better, same cases
+    d = M.paired_auc_difference(y, p_a, p_b, n_boot=500)
+    assert d["difference"] == pytest.approx(roc_auc_score(y, p_b) - roc_auc_score(y, p_a))
+    assert 0 < d["ci"][0] < d["difference"] < d["ci"][1]
+    ci_a, ci_b = (M.bootstrap_ci(y, p, n_boot=500)["auc"] for p in (p_a, p_b))
+    assert ci_b[0] < ci_a[1]  # the separate CIs overlap: unpaired, the same gain would look like noise
+    same = M.paired_auc_difference(y, p_a, p_a, groups=np.arange(y.size) // 2, n_boot=200)
+    assert same["difference"] == 0 and same["ci"] == [0.0, 0.0]
+    with pytest.raises(ConfigError, match="same"):
+        M.paired_auc_difference(y, p_a, p_b[:-1])

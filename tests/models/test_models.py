@@ -25,7 +25,8 @@ from pneumoscope.models.weights import (
 )
 
 # Small sizes keep the file fast (seed_cnn's minimum is 46 px, densenet121's 32 px).
-SMALL = {"seed_cnn": 64, "cnn_rnn": 64, "efficientnet_lite0": 64, "densenet121": 32, "resnet18": 64}
+SMALL = {"seed_cnn": 64, "cnn_rnn": 64, "efficientnet_lite0": 64, "efficientnet_lite1": 64, "efficientnet_lite2": 64,
+         "densenet121": 32, "resnet18": 64}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -53,7 +54,8 @@ def _batch(model: nn.Module, n: int = 2, seed: int = 0) -> torch.Tensor:
 
 
 def test_registry_lists_all_models():
-    assert list_models() == ["cnn_rnn", "densenet121", "efficientnet_lite0", "resnet18", "seed_cnn"]
+    assert list_models() == ["cnn_rnn", "densenet121", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+                             "resnet18", "seed_cnn"]
     assert set(SMALL) == set(list_models())
 
 
@@ -214,6 +216,19 @@ def test_efficientnet_imagenet_weights_classify_a_cat(effnet_imagenet):
     top1 = int(prob.argmax())
     assert 281 <= top1 <= 285, top1  # tabby, tiger cat, Persian, Siamese, Egyptian cat
     assert prob[281:286].sum() > 0.8
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_larger_lites_load_their_own_imagenet_weights_and_see_the_cat(name):
+    """The grey model with the 1000-class head: the packaged weights of Lite1/Lite2 (not Lite0's) are loaded, folded
+    to one channel, and still name the cat of a grey photo."""
+    model = create_model(name, pretrained=True, num_classes=1000).eval()
+    assert len(model.backbone._blocks) == 21 and model.arch["name"] == name
+    z = (_chelsea_rgb().mean(1, keepdim=True) - 0.449) / 0.226
+    with torch.no_grad():
+        prob = model(z).softmax(1)[0]
+    assert 281 <= int(prob.argmax()) <= 285 and prob[281:286].sum() > 0.5
+    assert not torch.equal(create_model(name).backbone._conv_head.weight, model.backbone._conv_head.weight)
 
 
 def test_efficientnet_grey_stem_is_folded_pretrained(effnet_imagenet):

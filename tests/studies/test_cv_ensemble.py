@@ -11,7 +11,7 @@ from pneumoscope.evaluation.evaluate import evaluation_samples
 from pneumoscope.inference.loader import load
 from pneumoscope.models.checkpoint import load_checkpoint
 from pneumoscope.studies.default_model import cv_recipe, train_cv
-from pneumoscope.studies.ensemble import build_cv
+from pneumoscope.studies.ensemble import build_cv, member_runtime, oof_logits
 
 MEMBER = dict(model="seed_cnn", image_size=48, limit=160, epochs=1, batch_size=16, threads=2, progress=False)
 
@@ -103,3 +103,16 @@ def test_select_scores_a_cv_ensemble_out_of_fold_and_a_site_zero_shot(cv_runs, c
     assert row["n_val"] == m["n_val"] and row["val_auc"] == pytest.approx(m["val_auc"], abs=1e-6)
     assert "out-of-fold" in row["validation"] and row["n_site"] == 8 and 0 <= row["site_auc"] <= 1
     assert "site AUC, zero-shot" in markdown_table([row])
+
+
+def test_out_of_fold_logits_agree_between_onnx_runtime_and_pytorch(cv_runs, chest_xray, tmp_path):
+    _, runs = cv_runs
+    build_cv(runs, chest_xray, tmp_path / "cv.pt")
+    ens = load(tmp_path / "cv.pt", device="cpu").model
+    assert member_runtime(ens, 0) is not None and member_runtime(ens, 1) is not None  # members exported and checked
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 256, (12, 48, 48), dtype=np.uint8)
+    fold = np.arange(12) % 2
+    fast, slow = oof_logits(ens, u8, fold), oof_logits(ens, u8, fold, backend="torch")
+    assert fast.shape == (12, 1) and np.abs(fast - slow).max() <= 1e-4
+    assert not np.allclose(oof_logits(ens, u8, 1 - fold), fast)  # the member of each fold, not one for all

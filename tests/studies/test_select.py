@@ -5,6 +5,7 @@ import pytest
 from pneumoscope.models.checkpoint import load_checkpoint
 from pneumoscope.studies.select import (
     LUNG_BOX,
+    add_paired_differences,
     lung_box_mass,
     markdown_table,
     rank,
@@ -108,3 +109,20 @@ def test_default_model_recipe_is_a_row_of_the_table():
     assert len(singles) < len(recipe_files("all")) - 1  # the ensemble levers (plain and cross-validated) are recipes too
     same = [f.name for f in singles if load_config(f).to_dict() == default]
     assert len(same) == 1, same
+
+
+def test_rows_on_the_same_films_get_a_paired_auc_difference():
+    rng = np.random.default_rng(0)
+    paths = [f"/d/{'NORMAL' if k % 2 else 'PNEUMONIA'}/person{k // 2}_bacteria_{k}.jpeg" for k in range(200)]
+    y = np.array([0 if k % 2 else 1 for k in range(200)])
+    p_a = np.clip(0.5 + 0.3 * (y - 0.5) + 0.2 * rng.normal(size=200), 0, 1)
+    order = rng.permutation(200)  # the second row lists the same films in another order
+    p_b = np.clip(p_a + 0.1 * (y - 0.5), 0, 1)
+    rows = [{"name": "a", "_probs": {"val_paths": paths, "y_val": y, "p_val": p_a}},
+            {"name": "b", "_probs": {"val_paths": [paths[k] for k in order], "y_val": y[order], "p_val": p_b[order]}},
+            {"name": "c", "_probs": {"val_paths": paths[:100], "y_val": y[:100], "p_val": p_a[:100]}}]
+    add_paired_differences(rows)
+    d = rows[1]["paired"]
+    assert "paired" not in rows[0] and "paired" not in rows[2]  # c is scored on other films: no pairing
+    assert d["against"] == "a" and d["n"] == 200 and d["difference"] > 0 and d["ci"][0] <= d["difference"] <= d["ci"][1]
+    assert "Paired on the same 200 films: AUC of b minus a" in markdown_table([{**r, "name": r["name"]} for r in rows])

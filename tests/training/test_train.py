@@ -193,6 +193,7 @@ def test_resume_after_kill_equals_straight_run(chest_xray, tmp_path):
     (dict(fold="1/1"), "fold"),
     (dict(fold="first"), "fold"),
     (dict(imbalance="magic"), "imbalance"),
+    (dict(mixup=-0.2), "mixup"),
 ])
 def test_bad_config_values(chest_xray, tmp_path, override, match):
     with pytest.raises(ConfigError, match=match):
@@ -243,3 +244,13 @@ def test_ternary_training_reports_and_predicts_three_classes(chest_xray, tmp_pat
     rep = evaluate(tmp_path / "t3" / "best.pt", chest_xray, tmp_path / "rep", split="validation", progress=False)
     assert 600 < rep["n"] < 900 and len(rep["per_class"]) == 3  # the full validation split (limit not applied)
     assert rep["macro_auc"] is not None and 0 <= rep["macro_auc"] <= 1
+
+
+def test_mixup_changes_training_reproducibly(run, chest_xray, tmp_path):
+    """mixup blends each batch with a shuffled copy (weights and labels): a different model from the plain run of
+    the same seed, and the same model again when repeated (its draws come from the epoch's seeded generators)."""
+    plain = run[1]
+    mixed = [train(dict(SMALL, data=str(chest_xray), epochs=1, mixup=0.4, out=str(tmp_path / f"m{i}"))) for i in (1, 2)]
+    assert mixed[0]["weights_digest"] == mixed[1]["weights_digest"] != plain["weights_digest"]
+    assert load_checkpoint(tmp_path / "m1" / "best.pt")["config"]["mixup"] == 0.4
+    assert np.isfinite(mixed[0]["history"][0]["loss"]) and mixed[0]["history"][0]["loss"] != plain["history"][0]["loss"]
