@@ -20,11 +20,13 @@ import json
 import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pneumoscope.config import parse_tta
 from pneumoscope.data.intake import load_uint8
 from pneumoscope.inference.onnx import (
     OnnxBackend,
@@ -33,6 +35,7 @@ from pneumoscope.inference.onnx import (
     quantize_onnx,
 )
 from pneumoscope.inference.predictor import Predictor
+from pneumoscope.inference.tta import averaged
 from pneumoscope.models.checkpoint import load_checkpoint, model_from_checkpoint
 from pneumoscope.models.registry import create_model
 from pneumoscope.studies.bench import describe, device_description
@@ -154,9 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in [f"checkpoint:{args.checkpoint}"] if args.checkpoint else args.models.split(","):
+            views = ()
             if args.checkpoint:
-                model = model_from_checkpoint(load_checkpoint(args.checkpoint)).eval()
+                ck = load_checkpoint(args.checkpoint)
+                model = model_from_checkpoint(ck).eval()
                 name, size = f"{args.checkpoint.name} ({model.arch['name']})", model.preprocess.input_size
+                views = parse_tta((ck.get("config") or {}).get("tta", ""))  # its test-time views count too
             else:
                 name, size = spec.split(":")[0], int(spec.split(":")[1])
                 model = build(name, size)
@@ -171,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
                 if int8_path is not None:
                     backends.update({"pytorch bf16": torch_logits(model, torch.bfloat16),
                                      "onnxruntime int8": OnnxBackend(int8_path, threads=threads).logits})
+                if views:  # as Predictor.logits: the image and each view, logits averaged
+                    backends = {f"{b} + views {'+'.join(views)}": partial(averaged, f, views=views)
+                                for b, f in backends.items()}
                 for bname, fn in backends.items():
                     wall, cpu = throughput(fn, batch, args.seconds)
                     r = {"model": name, "size": size, "backend": bname, "threads": threads,

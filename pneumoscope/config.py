@@ -101,6 +101,19 @@ def check_value(key: str, value, where: str = "config value"):
     return v
 
 
+TTA_VIEWS = ("crop90",)  # the test-time views of inference/tta.py (names only: this module imports no torch)
+
+
+def parse_tta(spec) -> tuple[str, ...]:
+    """``""`` -> no extra view; ``"crop90"``, ``"crop90,..."`` or a list -> the view names, checked."""
+    names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec or []) if str(n).strip()]
+    unknown = [n for n in names if n not in TTA_VIEWS]
+    if unknown:
+        raise ConfigError(f"config value tta={spec!r} is invalid: unknown view(s) {unknown}; known: "
+                          f"{', '.join(TTA_VIEWS)} (empty: no test-time augmentation)")
+    return tuple(names)
+
+
 @dataclass
 class TrainConfig:
     data: str = ""  # folder in either layout of the data layer (required)
@@ -118,6 +131,7 @@ class TrainConfig:
     seed: int = 0
     imbalance: str = "weighted"  # weighted (class-weighted loss) | sampler (balanced sampling) | none
     label_smoothing: float = 0.0
+    tta: str = ""  # test-time views averaged with the image, e.g. crop90 (inference/tta.py); needs intensity none
     mixup: float = 0.0  # mixup: each batch blended with a shuffled copy, weight ~ Beta(mixup, mixup), labels alike; 0 = off
     augment: bool = True
     rotate_deg: float = 10.0  # random affine: rotation in degrees (uniform +-)
@@ -164,6 +178,9 @@ class TrainConfig:
             raise bad("threshold", "choose youden or sensitivity:TARGET with TARGET in (0, 1], e.g. sensitivity:0.95") from None
         parse_trainable(self.trainable)
         parse_fold(self.fold)
+        if parse_tta(self.tta) and self.intensity != "none":
+            raise bad("tta", "test-time views are taken of the decoded image, before an intensity method; use "
+                             "intensity: none with tta")
         if self.model not in list_models():
             raise bad("model", f"unknown model; choose one of {', '.join(list_models())}")
         return self

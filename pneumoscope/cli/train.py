@@ -111,7 +111,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _build_default(args: argparse.Namespace) -> int:
     from pneumoscope.studies.default_model import build
 
-    m = build(args.data, out=args.out, config=args.config, dest=args.dest)
+    m = build(args.data, out=args.out, config=args.config, dest=args.dest, weights_from=args.weights_from)
     log.info("default model: val AUC %.4f, threshold %.3f -> %s", m["val_auc"], m["threshold"], m["packed"])
     return 0
 
@@ -158,6 +158,9 @@ def register(sub) -> None:
     s.add_argument("--out", default="runs/default_model", help="run folder")
     s.add_argument("--config", help="training config (default: pneumoscope/resources/default_model.yaml)")
     s.add_argument("--dest", help="where to write the packed model (default: inside the package)")
+    s.add_argument("--weights-from", metavar="CKPT",
+                   help="do not train: take the weights of CKPT (trained by the same recipe) and refit its test-time "
+                        "views, calibration and threshold on its validation split, then the OOD reference; pack")
     s.set_defaults(func=_build_default)
 
     s = sub.add_parser("ensemble", help="combine finished runs into one checkpoint (mean calibrated probability; "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from pneumoscope.config import parse_tta
 from pneumoscope.data.digest import file_digest
 from pneumoscope.errors import ConfigError
 from pneumoscope.inference.default_model import default_checkpoint
@@ -61,4 +62,5 @@ def load(checkpoint: str | Path | None = None, device: str = "auto", precision: 
     return Predictor(model=model, preprocess=pre, ood_reference=ood_reference,
                      label_names=tuple(ckpt["label_names"]), threshold=float(threshold),
                      temperature=ckpt.get("temperature"), calibration_bias=float(ckpt.get("calibration_bias") or 0.0),
-                     info=info, device=dev, amp=amp, backend=runtime, threads=threads)
+                     info=info, device=dev, amp=amp, backend=runtime, threads=threads,
+                     tta=parse_tta((ckpt.get("config") or {}).get("tta", "")))

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pneumoscope import __version__
+from pneumoscope.config import parse_tta
 from pneumoscope.data.digest import file_digest
 from pneumoscope.data.folders import expand_paths
 from pneumoscope.data.intake import load_uint8
@@ -94,7 +95,7 @@ def export_onnx(checkpoint: str | Path, onnx_path: str | Path, opset: int = 18) 
     pre = Preprocess.from_dict(ckpt["preprocess"])
     meta = {"label_names": list(ckpt["label_names"]), "threshold": ckpt.get("threshold"),
             "temperature": ckpt.get("temperature"), "calibration_bias": ckpt.get("calibration_bias", 0.0),
-            "arch": ckpt["arch"],
+            "arch": ckpt["arch"], "tta": list(parse_tta((ckpt.get("config") or {}).get("tta", ""))),
             "source_sha256": file_digest(checkpoint), "source_name": Path(checkpoint).name, "epoch": ckpt.get("epoch")}
     path = export_model(model, pre, onnx_path, opset=opset, metadata=meta)
 
@@ -266,4 +267,5 @@ def load_onnx_predictor(onnx_path: str | Path, threads: int = 0):
             "label_names": list(backend.label_names), "backend": "onnxruntime"}
     return Predictor(model=None, preprocess=backend.preprocess, label_names=backend.label_names,
                      threshold=float(threshold), temperature=backend.temperature,
-                     calibration_bias=backend.calibration_bias, info=info, backend=backend, threads=threads)
+                     calibration_bias=backend.calibration_bias, info=info, backend=backend, threads=threads,
+                     tta=parse_tta(m.get("tta") or ""))

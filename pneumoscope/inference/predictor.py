@@ -24,6 +24,7 @@ from pneumoscope.inference.embedding import (
 )
 from pneumoscope.inference.prediction import Prediction
 from pneumoscope.inference.runtime import pneumonia_score, predict_logits, softmax
+from pneumoscope.inference.tta import averaged
 from pneumoscope.models.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class Predictor:
     backend: object | None = None  # e.g. inference.onnx.OnnxBackend: .logits(batch_u8) -> np.ndarray
     ood_reference: EmbeddingReference | ReferenceSet | None = None  # shipped in the checkpoint, if any
     threads: int = 0  # ONNX Runtime intra-op threads of the model and the OOD features (0 = one per core)
+    tta: tuple[str, ...] = ()  # test-time views averaged with each image (inference/tta.py; the checkpoint's ``tta``)
 
     # -- the one intake (data/intake.py): decoded once, exactly as training decoded it
     def intake(self, item, quality: bool = True) -> Intake:
@@ -74,10 +76,9 @@ class Predictor:
                 zip(quality, scores if scores is not None else [None] * len(quality))]
 
     def logits(self, batch_u8: np.ndarray) -> np.ndarray:
-        """Logits (N, K) of uint8 images (N, S, S): ONNX Runtime when the predictor has that backend, else PyTorch."""
-        if self.backend is not None:
-            return self.backend.logits(batch_u8)
-        return self.torch_logits(batch_u8)
+        """Logits (N, K) of uint8 images (N, S, S), averaged over the model's test-time views (``tta``): ONNX Runtime
+        when the predictor has that backend, else PyTorch."""
+        return averaged(self.backend.logits if self.backend is not None else self.torch_logits, batch_u8, self.tta)
 
     def torch_logits(self, batch_u8: np.ndarray) -> np.ndarray:
         """Logits through the PyTorch model itself (hooks on it see the pass: embeddings)."""

@@ -15,17 +15,27 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
 import yaml
 
-from pneumoscope.config import check_value
+from pneumoscope.config import check_value, load_config, parse_tta
+from pneumoscope.data.cache import decode_all
+from pneumoscope.data.digest import file_digest
 from pneumoscope.errors import ConfigError
+from pneumoscope.evaluation.calibration import fit_calibration_and_threshold
+from pneumoscope.evaluation.evaluate import evaluation_samples
 from pneumoscope.inference.default_model import (
     DEFAULT_CONFIG,
     DEFAULT_MODEL,
     RESOURCES,
     pack,
 )
+from pneumoscope.inference.runtime import predict_logits
+from pneumoscope.inference.tta import averaged
+from pneumoscope.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from pneumoscope.studies import ensemble
+from pneumoscope.training.history import validation_scores
 from pneumoscope.training.loop import train
 from pneumoscope.trust.ood import reference_for_checkpoint
 
@@ -81,13 +91,47 @@ def train_cv(config: str | Path, data: str | Path, out: str | Path) -> list[Path
     return runs
 
 
+def refit_views(weights_from: str | Path, config: str | Path, data: str | Path, out: str | Path) -> dict:
+    """A model already trained by ``config``'s recipe, given the config's test-time views (``tta``): its validation
+    logits are computed again with the views (its own patient split of ``data``) and its calibration, threshold
+    (``config``'s rule) and validation metrics refitted on them, exactly as training fits them. Nothing is trained;
+    writes ``out/best.pt``."""
+    cfg = load_config(config)
+    ck = load_checkpoint(weights_from)
+    views = parse_tta(cfg.tta)
+    ck["config"] = {**ck["config"], "tta": ",".join(views)}
+    samples = evaluation_samples(ck, data)[0]
+    model = model_from_checkpoint(ck).eval()
+    d = decode_all([s.path for s in samples], model.preprocess.input_size, progress=False)
+    keep = np.flatnonzero(d.ok)
+    y = np.array([int(samples[i].label) for i in keep])
+    cpu = torch.device("cpu")
+    logits = averaged(lambda u8: predict_logits(model, torch.from_numpy(np.ascontiguousarray(u8)).unsqueeze(1),
+                                                model.preprocess, cpu, None), d.images[keep], views)
+    ck.update(fit_calibration_and_threshold(logits, y, cfg.threshold))
+    ck["metrics"] = {**ck.get("metrics", {}), **validation_scores(logits, y)}
+    ck["refit"] = {"weights_from": str(weights_from), "sha256": file_digest(weights_from), "views": list(views),
+                   "n_val": int(len(y)), "config": str(config)}
+    ck.pop("ood_reference", None)  # fitted again by build()
+    best = Path(out) / "best.pt"
+    save_checkpoint(ck, best)
+    return {"run_dir": str(out), "val_auc": ck["metrics"]["val_auc"], "threshold": ck["threshold"], "n_val": len(y)}
+
+
 def build(data: str | Path, out: str | Path = "runs/default_model", config: str | Path | None = None,
-          dest: str | Path | None = None) -> dict:
-    """Train the default model on ``data`` and pack it into the package resources."""
+          dest: str | Path | None = None, weights_from: str | Path | None = None) -> dict:
+    """Train the default model on ``data`` and pack it into the package resources. ``weights_from``: a checkpoint
+    the same recipe already trained; instead of training, its views, calibration and threshold are refitted
+    (``refit_views``), then the OOD reference and the packing are done as usual."""
     t0 = time.perf_counter()
     config = Path(config or DEFAULT_CONFIG)
     members = ensemble_members(config)
-    if cv_recipe(config) is not None:
+    if weights_from is not None:
+        if members is not None or cv_recipe(config) is not None:
+            raise ConfigError(f"--weights-from needs a single-model config; {config} is an ensemble recipe")
+        metrics = refit_views(weights_from, config, data, out)
+        best = Path(out) / "best.pt"
+    elif cv_recipe(config) is not None:
         best = Path(out) / "ensemble.pt"
         metrics = ensemble.build_cv(train_cv(config, data, out), data, best)
     elif members is None:
