@@ -20,7 +20,6 @@ import json
 import os
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ from pneumoscope.inference.onnx import (
     quantize_onnx,
 )
 from pneumoscope.inference.predictor import Predictor
-from pneumoscope.inference.tta import averaged
+from pneumoscope.inference.tta import with_views
 from pneumoscope.models.checkpoint import load_checkpoint, model_from_checkpoint
 from pneumoscope.models.registry import create_model
 from pneumoscope.studies.bench import describe, device_description
@@ -163,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                 model = model_from_checkpoint(ck).eval()
                 name, size = f"{args.checkpoint.name} ({model.arch['name']})", model.preprocess.input_size
                 views = parse_tta((ck.get("config") or {}).get("tta", ""))  # its test-time views count too
+                model = with_views(model, views).eval()
+                name += f" + views {'+'.join(views)}" if views else ""
             else:
                 name, size = spec.split(":")[0], int(spec.split(":")[1])
                 model = build(name, size)
@@ -177,9 +178,6 @@ def main(argv: list[str] | None = None) -> int:
                 if int8_path is not None:
                     backends.update({"pytorch bf16": torch_logits(model, torch.bfloat16),
                                      "onnxruntime int8": OnnxBackend(int8_path, threads=threads).logits})
-                if views:  # as Predictor.logits: the image and each view, logits averaged
-                    backends = {f"{b} + views {'+'.join(views)}": partial(averaged, f, views=views)
-                                for b, f in backends.items()}
                 for bname, fn in backends.items():
                     wall, cpu = throughput(fn, batch, args.seconds)
                     r = {"model": name, "size": size, "backend": bname, "threads": threads,

@@ -55,12 +55,12 @@ def load(checkpoint: str | Path | None = None, device: str = "auto", precision: 
     if ckpt.get("ood_reference"):
         ood_reference = reference_from_dict(ckpt["ood_reference"])
     pre, amp = model.preprocess, pick_precision(precision, dev)
+    tta = parse_tta((ckpt.get("config") or {}).get("tta", ""))
     runtime = None
     if backend == "auto" and dev.type == "cpu" and amp is None and find_spec("onnxruntime") is not None:
-        runtime = cached_backend(model, pre, info["checksum"].removeprefix("sha256:")[:32], threads)
+        runtime = cached_backend(model, pre, info["checksum"].removeprefix("sha256:")[:32], threads, views=tta)
     info["backend"] = "onnxruntime" if runtime is not None else "pytorch"
     return Predictor(model=model, preprocess=pre, ood_reference=ood_reference,
                      label_names=tuple(ckpt["label_names"]), threshold=float(threshold),
                      temperature=ckpt.get("temperature"), calibration_bias=float(ckpt.get("calibration_bias") or 0.0),
-                     info=info, device=dev, amp=amp, backend=runtime, threads=threads,
-                     tta=parse_tta((ckpt.get("config") or {}).get("tta", "")))
+                     info=info, device=dev, amp=amp, backend=runtime, threads=threads, tta=tta)

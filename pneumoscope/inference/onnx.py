@@ -31,6 +31,7 @@ from pneumoscope.data.intake import load_uint8
 from pneumoscope.errors import CheckpointError
 from pneumoscope.inference.predictor import Predictor
 from pneumoscope.inference.runtime import onnx_cache_dir, quiet_exporter
+from pneumoscope.inference.tta import with_views
 from pneumoscope.models.checkpoint import load_checkpoint, model_from_checkpoint
 from pneumoscope.models.preprocess import Preprocess
 
@@ -91,11 +92,12 @@ def export_onnx(checkpoint: str | Path, onnx_path: str | Path, opset: int = 18) 
     temperature, architecture and checksum embedded; logs the largest logit difference to PyTorch."""
 
     ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt)
+    views = parse_tta((ckpt.get("config") or {}).get("tta", ""))
+    model = with_views(model_from_checkpoint(ckpt), views)  # the test-time views are part of the exported graph
     pre = Preprocess.from_dict(ckpt["preprocess"])
     meta = {"label_names": list(ckpt["label_names"]), "threshold": ckpt.get("threshold"),
             "temperature": ckpt.get("temperature"), "calibration_bias": ckpt.get("calibration_bias", 0.0),
-            "arch": ckpt["arch"], "tta": list(parse_tta((ckpt.get("config") or {}).get("tta", ""))),
+            "arch": ckpt["arch"], "tta": list(views),
             "source_sha256": file_digest(checkpoint), "source_name": Path(checkpoint).name, "epoch": ckpt.get("epoch")}
     path = export_model(model, pre, onnx_path, opset=opset, metadata=meta)
 
@@ -226,11 +228,14 @@ class OnnxBackend:
 EXPORT_ERRORS = (RuntimeError, ValueError, TypeError, NotImplementedError, AssertionError, OSError)
 
 
-def cached_backend(model, preprocess, key: str, threads: int = 0, tolerance: float = 1e-4) -> OnnxBackend | None:
-    """An ONNX Runtime copy of ``model`` (a checkpoint's, ``key`` = its sha256): exported once into ``cache_dir()``
-    and checked then against PyTorch on a random batch (max |logit difference| <= ``tolerance``). None when the
-    model cannot be exported or does not agree: the caller keeps PyTorch (and says so)."""
-    path = onnx_cache_dir() / f"{key}-{__version__}.onnx"
+def cached_backend(model, preprocess, key: str, threads: int = 0, tolerance: float = 1e-4,
+                   views: tuple[str, ...] = ()) -> OnnxBackend | None:
+    """An ONNX Runtime copy of ``model`` with its test-time ``views`` inside the graph (a checkpoint's, ``key`` = its
+    sha256): exported once into ``cache_dir()`` and checked then against PyTorch on a random batch (max |logit
+    difference| <= ``tolerance``). None when the model cannot be exported or does not agree: the caller keeps
+    PyTorch (and says so)."""
+    model = with_views(model, views)
+    path = onnx_cache_dir() / f"{key}{''.join('-' + v for v in views)}-{__version__}.onnx"
     if not path.is_file():
         log.info("exporting the model to ONNX Runtime once (a few seconds; kept in %s)", path.parent)
         try:

@@ -24,7 +24,7 @@ from pneumoscope.inference.embedding import (
 )
 from pneumoscope.inference.prediction import Prediction
 from pneumoscope.inference.runtime import pneumonia_score, predict_logits, softmax
-from pneumoscope.inference.tta import averaged
+from pneumoscope.inference.tta import with_views
 from pneumoscope.models.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -77,15 +77,17 @@ class Predictor:
 
     def logits(self, batch_u8: np.ndarray) -> np.ndarray:
         """Logits (N, K) of uint8 images (N, S, S), averaged over the model's test-time views (``tta``): ONNX Runtime
-        when the predictor has that backend, else PyTorch."""
-        return averaged(self.backend.logits if self.backend is not None else self.torch_logits, batch_u8, self.tta)
+        when the predictor has that backend (its graph holds the views), else PyTorch."""
+        if self.backend is not None:
+            return self.backend.logits(batch_u8)
+        return self.torch_logits(batch_u8, views=self.tta)
 
-    def torch_logits(self, batch_u8: np.ndarray) -> np.ndarray:
-        """Logits through the PyTorch model itself (hooks on it see the pass: embeddings)."""
+    def torch_logits(self, batch_u8: np.ndarray, views: tuple[str, ...] = ()) -> np.ndarray:
+        """Logits through the PyTorch model itself (hooks on it see the pass: embeddings); ``views`` averaged in."""
         if self.model is None:
             raise CheckpointError(f"{self.info.get('checkpoint')} is an ONNX model: this needs the PyTorch checkpoint")
         x = torch.from_numpy(np.ascontiguousarray(self.preprocess.standardise(np.asarray(batch_u8)))).unsqueeze(1)
-        return predict_logits(self.model, x, self.preprocess, self.device, self.amp)
+        return predict_logits(with_views(self.model, views), x, self.preprocess, self.device, self.amp)
 
     def predict(self, items: list, batch_size: int = 16, adapt: str | None = None,
                 quality: list[list[str] | None] | None = None) -> list[Prediction]:

@@ -32,7 +32,7 @@ from pneumoscope.inference.default_model import (
     pack,
 )
 from pneumoscope.inference.runtime import predict_logits
-from pneumoscope.inference.tta import averaged
+from pneumoscope.inference.tta import with_views
 from pneumoscope.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from pneumoscope.studies import ensemble
 from pneumoscope.training.history import validation_scores
@@ -106,8 +106,8 @@ def refit_views(weights_from: str | Path, config: str | Path, data: str | Path, 
     keep = np.flatnonzero(d.ok)
     y = np.array([int(samples[i].label) for i in keep])
     cpu = torch.device("cpu")
-    logits = averaged(lambda u8: predict_logits(model, torch.from_numpy(np.ascontiguousarray(u8)).unsqueeze(1),
-                                                model.preprocess, cpu, None), d.images[keep], views)
+    x = torch.from_numpy(np.ascontiguousarray(d.images[keep])).unsqueeze(1)
+    logits = predict_logits(with_views(model, views), x, model.preprocess, cpu, None)
     ck.update(fit_calibration_and_threshold(logits, y, cfg.threshold))
     ck["metrics"] = {**ck.get("metrics", {}), **validation_scores(logits, y)}
     ck["refit"] = {"weights_from": str(weights_from), "sha256": file_digest(weights_from), "views": list(views),

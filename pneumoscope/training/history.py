@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from pneumoscope.config import parse_tta
 from pneumoscope.evaluation.metrics import binary_metrics
 from pneumoscope.inference.runtime import pneumonia_score, predict_logits
-from pneumoscope.inference.tta import averaged
+from pneumoscope.inference.tta import with_views
 from pneumoscope.models.checkpoint import model_from_checkpoint
 
 
@@ -61,8 +60,7 @@ def best_val_logits(best: dict, va, device: torch.device, amp: torch.dtype | Non
     """Validation logits of checkpoint ``best`` on images ``va`` (``training.data.Arrays``), run again from the file
     (for a resumed run whose best epoch came before the interruption)."""
     model = model_from_checkpoint(best).to(device).to(memory_format=torch.channels_last)
-    return averaged(lambda x: predict_logits(model, x, model.preprocess, device, amp), va.x,
-                    parse_tta(best.get("config", {}).get("tta", "")))
+    return predict_logits(with_views(model, best.get("config", {}).get("tta", "")), va.x, model.preprocess, device, amp)
 
 
 def val_at_threshold(logits: np.ndarray, y: np.ndarray, best: dict) -> dict:

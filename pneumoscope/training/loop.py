@@ -15,11 +15,11 @@ import time
 import torch
 import torch.distributed as tdist
 
-from pneumoscope.config import TrainConfig, parse_tta, resolve
+from pneumoscope.config import TrainConfig, resolve
 from pneumoscope.data.prefetch import Prefetch
 from pneumoscope.evaluation.report import plot_history
 from pneumoscope.inference.runtime import normalize, predict_logits
-from pneumoscope.inference.tta import averaged
+from pneumoscope.inference.tta import with_views
 from pneumoscope.models.checkpoint import load_checkpoint
 from pneumoscope.models.weights import (
     apply_trainable,
@@ -70,8 +70,8 @@ def train(cfg: TrainConfig | dict | str | None = None, *, resume: str | None = N
         frozen = apply_trainable(model, cfg.trainable)  # trainable head / last:N: a fixed part of the backbone
         loss, accuracy, seen = train_epoch(run, net, opt, sched, scaler, loss_fn, epoch, steps, frozen)
         train_seconds = time.perf_counter() - t0
-        val_logits = averaged(lambda x: predict_logits(model, x, model.preprocess, run.device, run.amp), run.va.x,
-                              parse_tta(cfg.tta))  # with the model's test-time views, as it will predict
+        # with the model's test-time views (inference/tta.py), as it will predict
+        val_logits = predict_logits(with_views(model, cfg.tta), run.va.x, model.preprocess, run.device, run.amp)
         h = {"epoch": epoch, "loss": loss, "accuracy": accuracy, **validation_scores(val_logits, y_val),
              "lr": sched.get_last_lr()[0], "frozen_backbone": epoch <= cfg.freeze_epochs,
              "seconds": time.perf_counter() - t0, "images_per_s": seen / train_seconds}
