@@ -34,9 +34,10 @@ def _serve(args: argparse.Namespace) -> int:
                     "set $%s", args.host, API_KEY_ENV)
     engine_for(args.db).dispose()  # a missing folder, a file that is no database: said now, before the model loads
     max_upload = int(args.max_upload_mb * 2**20)
-    # each worker's model gets its share of the cores (two workers of 2 threads on 2 cores: p99 811 vs 602 ms with
-    # 1 thread each, docs/service.md)
-    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    # several workers: each model gets its share of the cores this process may use (two workers of 2 threads on 2
+    # cores: p99 811 vs 602 ms with 1 thread each, docs/service.md); one worker: ONNX Runtime's own default (0)
+    if not args.threads and args.workers > 1:
+        args.threads = max(1, len(os.sched_getaffinity(0)) // args.workers)
     if args.workers <= 1:
         from pneumoscope.serve.app import create_app
 

@@ -182,6 +182,8 @@ def paired_auc_difference(y, p_a, p_b, groups=None, n_boot: int = 2000, seed: in
     (patients) when ``groups`` is given. Pairing removes the case-to-case variation both share, so the CI of the
     difference is far narrower than comparing two separate CIs."""
     y, p_a = binary_inputs(y, p_a)
+    if n_boot < 1 or not 0 < alpha < 1:
+        raise ConfigError(f"bootstrap needs n_boot >= 1 and 0 < alpha < 1, got n_boot={n_boot}, alpha={alpha}")
     p_b = np.asarray(p_b, dtype=np.float64).reshape(-1)
     if p_b.shape != p_a.shape or (y == 1).all() or (y == 0).all():
         raise ConfigError(f"paired AUC difference needs two score vectors of the same {p_a.size} cases, both classes")

@@ -23,6 +23,7 @@ from pneumoscope.inference.runtime import (
     pneumonia_score,
     predict_logits,
 )
+from pneumoscope.inference.tta import with_views
 from pneumoscope.models.checkpoint import load_checkpoint, model_from_checkpoint
 from pneumoscope.training.data import decode
 from pneumoscope.training.loop import train
@@ -92,7 +93,8 @@ def compare(base: TrainConfig, models: list[str], out: str | Path, tta: bool = F
                   "image_size": pre.input_size}
         T, bias = ck.get("temperature") or 1.0, ck.get("calibration_bias", 0.0)
 
-        p = pneumonia_score(predict_logits(model, va.x, pre, device, None), T, bias)
+        views = (ck.get("config") or {}).get("tta", "")  # T, bias and threshold were fitted with these views
+        p = pneumonia_score(predict_logits(with_views(model, views), va.x, pre, device, None), T, bias)
         rows.append(_row(spec, y, p, ck["threshold"], **common))
         val_probs[spec] = p
         if tta:

@@ -99,6 +99,9 @@ def refit_views(weights_from: str | Path, config: str | Path, data: str | Path, 
     cfg = load_config(config)
     ck = load_checkpoint(weights_from)
     views = parse_tta(cfg.tta)
+    if views and ck["preprocess"].get("intensity", "none") != "none":
+        raise ConfigError(f"{weights_from} uses intensity {ck['preprocess']['intensity']!r}: test-time views need "
+                          "intensity none (config.TrainConfig.validate)")
     ck["config"] = {**ck["config"], "tta": ",".join(views)}
     samples = evaluation_samples(ck, data)[0]
     model = model_from_checkpoint(ck).eval()
@@ -106,7 +109,7 @@ def refit_views(weights_from: str | Path, config: str | Path, data: str | Path, 
     keep = np.flatnonzero(d.ok)
     y = np.array([int(samples[i].label) for i in keep])
     cpu = torch.device("cpu")
-    x = torch.from_numpy(np.ascontiguousarray(d.images[keep])).unsqueeze(1)
+    x = torch.from_numpy(np.ascontiguousarray(model.preprocess.standardise(d.images[keep]))).unsqueeze(1)
     logits = predict_logits(with_views(model, views), x, model.preprocess, cpu, None)
     ck.update(fit_calibration_and_threshold(logits, y, cfg.threshold))
     ck["metrics"] = {**ck.get("metrics", {}), **validation_scores(logits, y)}

@@ -72,7 +72,7 @@ def build(checkpoints: list[str | Path], data_dir: str | Path, out: str | Path, 
     y = (np.array([splits[0][i].label for i in keep]) > 0).astype(int)
     x = torch.from_numpy(np.ascontiguousarray(ens.preprocess.standardise(d.images[keep]))).unsqueeze(1)
     logits = predict_logits(ens, x, ens.preprocess, torch.device("cpu"), None)
-    cfg = dict(cks[0]["config"])
+    cfg = {**cks[0]["config"], "tta": ""}  # the members' test-time views are not used inside an ensemble
     info = fit_calibration_and_threshold(logits, y, threshold_method or cfg.get("threshold", "youden"))
     m = binary_metrics(y, pneumonia_score(logits, info["temperature"], info["calibration_bias"]), info["threshold"])
     metrics = {"val_auc": m["auc"], "val_accuracy": m["accuracy"], "val_sensitivity": m["sensitivity"],
@@ -172,7 +172,7 @@ def build_cv(checkpoints: list[str | Path], data_dir: str | Path, out: str | Pat
     ens, cks = assemble(checkpoints)
     folds = cv_folds(cks, [str(c) for c in checkpoints], data_dir)
     o = oof_predictions(ens, folds)
-    cfg = dict(cks[0]["config"])
+    cfg = {**cks[0]["config"], "tta": ""}  # the members' test-time views are not used inside an ensemble
     info = fit_calibration_and_threshold(o["logits"], o["y"], threshold_method or cfg.get("threshold", "youden"))
     p = pneumonia_score(o["logits"], info["temperature"], info["calibration_bias"])
     m = binary_metrics(o["y"], p, info["threshold"])

@@ -128,6 +128,7 @@ def train_epoch(run: Run, net, opt, sched, scaler, loss_fn, epoch: int, steps: i
         scaler.update()
         sched.step()
         loss_sum += loss.detach() * len(idx)
+        # (with mixup: against the label of each blend's first image, so a rough figure)
         correct += ((logits[:, 0] > 0).long() if run.n_classes == 2 else logits.argmax(1)).eq(yb).sum()
         seen += len(idx)
     if run.dist.world > 1:

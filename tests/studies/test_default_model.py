@@ -35,3 +35,14 @@ def test_build_with_weights_from_adds_views_and_refits_on_validation(tiny_checkp
         (tmp_path / "ens.yaml").write_text("ensemble: [recipe.yaml, recipe.yaml]\n")
         build(chest_xray, out=tmp_path / "e", config=tmp_path / "ens.yaml", dest=tmp_path / "x.pt",
               weights_from=tiny_checkpoint)
+
+
+def test_weights_from_refuses_views_on_an_intensity_standardised_model(tiny_checkpoint, chest_xray, tmp_path):
+    from pneumoscope.models.checkpoint import save_checkpoint
+
+    ck = load_checkpoint(tiny_checkpoint)
+    save_checkpoint({**ck, "preprocess": {**ck["preprocess"], "intensity": "clahe"}}, tmp_path / "clahe.pt")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**TINY, "tta": "crop90"}))
+    with pytest.raises(ConfigError, match="intensity none"):
+        build(chest_xray, out=tmp_path / "run", config=recipe, dest=tmp_path / "p.pt", weights_from=tmp_path / "clahe.pt")

@@ -32,7 +32,17 @@ def test_build_fits_threshold_and_calibration_on_validation(ensemble_ckpt, tiny_
     assert ck["arch"]["name"] == "ensemble" and len(ck["ensemble_members"]) == 2
     assert 0 < ck["threshold"] < 1 and ck["temperature"] > 0 and ck["threshold"] == metrics["threshold"]
     assert metrics["n_val"] > 700 and 0.5 < metrics["val_auc"] <= 1
-    assert ck["config"] == load_checkpoint(tiny_checkpoint)["config"]  # its validation split is re-made from it
+    assert ck["config"] == {**load_checkpoint(tiny_checkpoint)["config"], "tta": ""}  # its split is re-made from it
+
+
+def test_members_test_time_views_are_not_used_by_the_ensemble(tiny_checkpoint, second_member, chest_xray, tmp_path):
+    """The ensemble is calibrated on its members' plain logits, so it must not predict with a member's views."""
+    from pneumoscope.models.checkpoint import save_checkpoint
+
+    ck = load_checkpoint(tiny_checkpoint)
+    save_checkpoint({**ck, "config": {**ck["config"], "tta": "crop90"}}, tmp_path / "with_views.pt")
+    build([tmp_path / "with_views.pt", second_member], chest_xray, tmp_path / "ens.pt")
+    assert load_checkpoint(tmp_path / "ens.pt")["config"]["tta"] == "" and load(tmp_path / "ens.pt").tta == ()
 
 
 def test_predict_explain_and_onnx_work_with_an_ensemble(ensemble_ckpt, chest_xray, tmp_path):

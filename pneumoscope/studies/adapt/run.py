@@ -33,7 +33,7 @@ from pneumoscope.inference.runtime import pneumonia_score
 from pneumoscope.models.checkpoint import load_checkpoint, save_checkpoint
 from pneumoscope.models.registry import create_model
 from pneumoscope.studies.adapt import strategies as S
-from pneumoscope.studies.adapt.finetune import CUT
+from pneumoscope.studies.adapt.finetune import cut_of
 from pneumoscope.studies.adapt.report import write_report
 from pneumoscope.studies.adapt.site import choose_k, load_site, patient_folds
 from pneumoscope.studies.adapt.validate import (
@@ -118,7 +118,7 @@ def adapt(data: str | Path, out: str | Path, checkpoint: str | Path | None = Non
         raise CheckpointError(f"{base_path} is a {len(ckpt['label_names'])}-class model; adapt needs a binary one")
     base_pred = load(base_path, device="cpu")
     base = base_pred.model.eval()
-    effnet = ckpt["arch"]["name"] == "efficientnet_lite0"
+    effnet = hasattr(getattr(base, "backbone", None), "_blocks")  # an EfficientNet-Lite base (Lite0/1/2)
     size = base_pred.preprocess.input_size
     films = load_site(data, size, progress)
     y, patients = films.y, films.patients
@@ -130,7 +130,8 @@ def adapt(data: str | Path, out: str | Path, checkpoint: str | Path | None = Non
 
     t = time.perf_counter()
     imagenet = create_model("efficientnet_lite0", pretrained=True, image_size=size).eval()
-    base_logits = base_pred.logits(films.images)[:, 0]
+    # the base as strategy "a" saves it: without the base's test-time views (the adapted checkpoint has no config)
+    base_logits = base_pred.torch_logits(films.images)[:, 0]
     strategies = [S.recalibration(base, base_logits)]
     for key, name, trunk, kind in (("b1", "head on the base model's pooled features", base, "pooled"),
                                    ("b2", "head on the base model's block statistics", base, "block_stats"),
@@ -144,13 +145,13 @@ def adapt(data: str | Path, out: str | Path, checkpoint: str | Path | None = Non
     if replay is None:
         notes.append("strategies d and e (replay) skipped: the base model's training folder was not found (--base-data)")
     if effnet:
-        cut = cut_features(base, films.images, CUT)
+        cut = cut_features(base, films.images, cut_of(base))
         strategies.append(S.fine_tune("c", "partial fine-tune of the base (last blocks)", base, cut, y, seed=seed))
         if replay is not None:
             strategies.append(S.fine_tune("d", f"partial fine-tune with replay of {len(replay[1])} base training "
-                                          "images", base, cut, y, (cut_features(base, replay[0], CUT), replay[1]), seed))
+                                          "images", base, cut, y, (cut_features(base, replay[0], cut_of(base)), replay[1]), seed))
     else:
-        notes.append(f"strategies c and d skipped: partial fine-tuning is implemented for efficientnet_lite0 bases, "
+        notes.append(f"strategies c and d skipped: partial fine-tuning is implemented for EfficientNet-Lite bases, "
                      f"not {ckpt['arch']['name']}")
     if replay is not None:
         r_feats = trunk_features(imagenet, replay[0], "block_stats")
