@@ -149,15 +149,9 @@ def bootstrap_ci(y, p, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0
     y, p = binary_inputs(y, p)
     if n_boot < 1 or not 0 < alpha < 1:
         raise ConfigError(f"bootstrap needs n_boot >= 1 and 0 < alpha < 1, got n_boot={n_boot}, alpha={alpha}")
-    rng = np.random.default_rng(seed)
     pos, neg = p[y == 1], p[y == 0]
     n_pos, n_neg = pos.size, neg.size
-    if groups is not None:
-        counts = _group_counts(y, groups, n_boot, rng)  # (B, N) times each case occurs
-        cpos, cneg = counts[:, y == 1], counts[:, y == 0]
-    else:
-        cpos = rng.multinomial(n_pos, np.full(n_pos, 1.0 / n_pos), size=n_boot) if n_pos else np.zeros((n_boot, 0))
-        cneg = rng.multinomial(n_neg, np.full(n_neg, 1.0 / n_neg), size=n_boot) if n_neg else np.zeros((n_boot, 0))
+    cpos, cneg = _resample_counts(y, groups, n_boot, np.random.default_rng(seed))
     tp = cpos @ (pos >= threshold).astype(np.float64)  # (B,) true positives per resample
     tn = cneg @ (neg < threshold).astype(np.float64)
     m_pos, m_neg = cpos.sum(axis=1), cneg.sum(axis=1)  # n_pos, n_neg (fixed) unless groups are resampled
@@ -188,20 +182,25 @@ def paired_auc_difference(y, p_a, p_b, groups=None, n_boot: int = 2000, seed: in
     if p_b.shape != p_a.shape or (y == 1).all() or (y == 0).all():
         raise ConfigError(f"paired AUC difference needs two score vectors of the same {p_a.size} cases, both classes")
     _, p_b = binary_inputs(y, p_b)
-    rng = np.random.default_rng(seed)
-    if groups is not None:
-        counts = _group_counts(y, groups, n_boot, rng)
-        cpos, cneg = counts[:, y == 1], counts[:, y == 0]
-    else:
-        n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
-        cpos = rng.multinomial(n_pos, np.full(n_pos, 1.0 / n_pos), size=n_boot)
-        cneg = rng.multinomial(n_neg, np.full(n_neg, 1.0 / n_neg), size=n_boot)
+    cpos, cneg = _resample_counts(y, groups, n_boot, np.random.default_rng(seed))
     diff = (auc_from_counts(p_b[y == 1], p_b[y == 0], cpos, cneg)
             - auc_from_counts(p_a[y == 1], p_a[y == 0], cpos, cneg))
     lo, hi = np.nanquantile(diff, [alpha / 2, 1 - alpha / 2])
     return {"auc_a": float(roc_auc_score(y, p_a)), "auc_b": float(roc_auc_score(y, p_b)),
             "difference": float(roc_auc_score(y, p_b) - roc_auc_score(y, p_a)), "ci": [float(lo), float(hi)],
             "n": int(y.size), "n_boot": int(n_boot)}
+
+
+def _resample_counts(y: np.ndarray, groups, n_boot: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(n_boot, n_pos) and (n_boot, n_neg) counts of each positive / negative case per resample: stratified by class,
+    or by whole groups (``_group_counts``) when ``groups`` is given."""
+    if groups is not None:
+        counts = _group_counts(y, groups, n_boot, rng)  # (B, N) times each case occurs
+        return counts[:, y == 1], counts[:, y == 0]
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    cpos = rng.multinomial(n_pos, np.full(n_pos, 1.0 / n_pos), size=n_boot) if n_pos else np.zeros((n_boot, 0))
+    cneg = rng.multinomial(n_neg, np.full(n_neg, 1.0 / n_neg), size=n_boot) if n_neg else np.zeros((n_boot, 0))
+    return cpos, cneg
 
 
 def _group_counts(y: np.ndarray, groups, n_boot: int, rng: np.random.Generator) -> np.ndarray:

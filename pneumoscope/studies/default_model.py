@@ -15,12 +15,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
 from pneumoscope.config import check_value, load_config, parse_tta
-from pneumoscope.data.cache import decode_all
 from pneumoscope.data.digest import file_digest
 from pneumoscope.errors import ConfigError
 from pneumoscope.evaluation.calibration import fit_calibration_and_threshold
@@ -31,11 +29,11 @@ from pneumoscope.inference.default_model import (
     RESOURCES,
     pack,
 )
-from pneumoscope.inference.runtime import predict_logits
-from pneumoscope.inference.tta import with_views
-from pneumoscope.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from pneumoscope.models.checkpoint import load_checkpoint, save_checkpoint
+from pneumoscope.models.preprocess import Preprocess
 from pneumoscope.studies import ensemble
-from pneumoscope.training.history import validation_scores
+from pneumoscope.training.data import decode
+from pneumoscope.training.history import best_val_logits, validation_scores
 from pneumoscope.training.loop import train
 from pneumoscope.trust.ood import reference_for_checkpoint
 
@@ -96,21 +94,17 @@ def refit_views(weights_from: str | Path, config: str | Path, data: str | Path, 
     logits are computed again with the views (its own patient split of ``data``) and its calibration, threshold
     (``config``'s rule) and validation metrics refitted on them, exactly as training fits them. Nothing is trained;
     writes ``out/best.pt``."""
-    cfg = load_config(config)
+    cfg = load_config(config, data=str(data))
     ck = load_checkpoint(weights_from)
     views = parse_tta(cfg.tta)
     if views and ck["preprocess"].get("intensity", "none") != "none":
         raise ConfigError(f"{weights_from} uses intensity {ck['preprocess']['intensity']!r}: test-time views need "
                           "intensity none (config.TrainConfig.validate)")
     ck["config"] = {**ck["config"], "tta": ",".join(views)}
-    samples = evaluation_samples(ck, data)[0]
-    model = model_from_checkpoint(ck).eval()
-    d = decode_all([s.path for s in samples], model.preprocess.input_size, progress=False)
-    keep = np.flatnonzero(d.ok)
-    y = np.array([int(samples[i].label) for i in keep])
-    cpu = torch.device("cpu")
-    x = torch.from_numpy(np.ascontiguousarray(model.preprocess.standardise(d.images[keep]))).unsqueeze(1)
-    logits = predict_logits(with_views(model, views), x, model.preprocess, cpu, None)
+    pre = Preprocess.from_dict(ck["preprocess"])
+    va = decode(evaluation_samples(ck, data)[0], pre.input_size, cfg, show=False)
+    va.x = torch.from_numpy(pre.standardise(va.x.numpy()))  # as training does before the model (training/setup.py)
+    logits, y = best_val_logits(ck, va, torch.device("cpu"), None), va.y.numpy()  # with ck's views
     ck.update(fit_calibration_and_threshold(logits, y, cfg.threshold))
     ck["metrics"] = {**ck.get("metrics", {}), **validation_scores(logits, y)}
     ck["refit"] = {"weights_from": str(weights_from), "sha256": file_digest(weights_from), "views": list(views),

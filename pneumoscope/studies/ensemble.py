@@ -111,6 +111,9 @@ def member_runtime(ens: Ensemble, i: int) -> OnnxBackend | None:
     """ONNX Runtime copy of member ``i`` (exported once into the ONNX cache, keyed by its weights, and checked against
     PyTorch within 1e-4 by ``inference.onnx.cached_backend``), or None (no onnxruntime, another input size or
     intensity method than the ensemble's, or no agreement)."""
+    cache = ens.__dict__.setdefault("_member_runtimes", {})  # one export check and session per member, per ensemble
+    if i in cache:
+        return cache[i]
     member = ens.members[i]
     same_pixels = [(q.input_size, q.channels, q.intensity) for q in (member.preprocess, ens.preprocess)]
     if find_spec("onnxruntime") is None or same_pixels[0] != same_pixels[1]:
@@ -119,7 +122,8 @@ def member_runtime(ens: Ensemble, i: int) -> OnnxBackend | None:
     for name, t in member.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return cached_backend(member, member.preprocess, "member-" + h.hexdigest()[:32])
+    cache[i] = cached_backend(member, member.preprocess, "member-" + h.hexdigest()[:32])
+    return cache[i]
 
 
 def _member_logit(z: np.ndarray, t: float, b: float) -> np.ndarray:
