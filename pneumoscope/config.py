@@ -147,7 +147,7 @@ class TrainConfig:
     jpeg: int = 0  # re-encode as JPEG at a quality uniform in [this, 95] (another site's storage); 0 = off
     hflip: bool = False  # off by default: the heart is on the left; a flipped film is not a real chest X-ray
     patience: int = 5  # early stopping: epochs without a better validation AUC
-    threshold: str = "youden"  # youden | sensitivity:0.95 (any target)
+    threshold: str = "youden"  # youden | sensitivity:0.95 | specificity:0.9 (any target)
     precision: str = "auto"  # auto (bf16 on CPUs with AVX512-BF16/AMX and on CUDA) | bf16 | fp16 | fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 = all cores
@@ -175,7 +175,8 @@ class TrainConfig:
         try:
             threshold_target(self.threshold)
         except ConfigError:
-            raise bad("threshold", "choose youden or sensitivity:TARGET with TARGET in (0, 1], e.g. sensitivity:0.95") from None
+            raise bad("threshold", "choose youden, sensitivity:TARGET or specificity:TARGET with TARGET in (0, 1], "
+                      "e.g. sensitivity:0.95") from None
         parse_trainable(self.trainable)
         parse_fold(self.fold)
         if parse_tta(self.tta) and self.intensity != "none":
@@ -193,16 +194,17 @@ class TrainConfig:
         return str(Path("runs") / f"{self.model}-{self.labels}-{size}seed{self.seed}")
 
 
-def threshold_target(method: str) -> float | None:
-    """The one rule for a threshold method: None for "youden", the target for "sensitivity:<target in (0, 1]>";
-    ConfigError otherwise (``TrainConfig.validate``, ``evaluation.metrics.choose_threshold``)."""
+def threshold_target(method: str) -> tuple[str, float] | None:
+    """The one rule for a threshold method: None for "youden"; ("sensitivity", target) for "sensitivity:<target>"
+    and ("specificity", target) for "specificity:<target>", target in (0, 1]; ConfigError otherwise
+    (``TrainConfig.validate``, ``evaluation.metrics.choose_threshold``)."""
     if method == "youden":
         return None
-    m = re.fullmatch(r"sensitivity:\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)", str(method).strip())
-    if m is None or not 0 < float(m.group(1)) <= 1:
-        raise ConfigError(f"unknown threshold method {method!r}: use 'youden' or 'sensitivity:<target in (0, 1]>', "
-                          "e.g. 'sensitivity:0.95'")
-    return float(m.group(1))
+    m = re.fullmatch(r"(sensitivity|specificity):\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)", str(method).strip())
+    if m is None or not 0 < float(m.group(2)) <= 1:
+        raise ConfigError(f"unknown threshold method {method!r}: use 'youden', 'sensitivity:<target in (0, 1]>' or "
+                          "'specificity:<target in (0, 1]>', e.g. 'sensitivity:0.95'")
+    return m.group(1), float(m.group(2))
 
 
 def parse_fold(fold: str) -> tuple[int, int] | None:

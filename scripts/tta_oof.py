@@ -3,6 +3,8 @@ cross-validated ensemble member that never saw it, plain and with extra views av
 differences over all films (patient bootstrap) and the mean AUC over the 12 moderate shifts on one fold.
 
     python scripts/tta_oof.py --checkpoint runs23/cv4/r10_cv4_r9/best.pt --data ../shared/data/chest_xray
+    python scripts/tta_oof.py --checkpoint runs23/cv4/r12_cv4_r11/best.pt --data ../shared/data/chest_xray \
+        --out runs23/tta_oof_r12.json --save runs23/tta_oof_r12.npz
 """
 from __future__ import annotations
 

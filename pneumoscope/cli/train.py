@@ -29,7 +29,7 @@ TRAIN_FLAGS = {  # key -> help; every key is a TrainConfig field / YAML key (tes
     "imbalance": "weighted | sampler | none",
     "label_smoothing": "label smoothing of the loss",
     "mixup": "mixup alpha: blend image pairs and their labels, weight ~ Beta(alpha, alpha) (0: off)",
-    "threshold": "youden | sensitivity:0.95",
+    "threshold": "youden | sensitivity:0.95 | specificity:0.9",
     "patience": "early stopping patience in epochs",
     "precision": "auto | bf16 | fp16 | fp32",
     "device": "auto | cpu | cuda",

@@ -231,11 +231,22 @@ def _threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float) -> f
     return float(thr[ok[0]])
 
 
+def _threshold_for_specificity(y: np.ndarray, p: np.ndarray, target: float) -> float:
+    """The lowest threshold whose specificity on (y, p) is >= target (thresholds are observed scores)."""
+    fpr, _, thr = _roc(y, p)
+    ok = np.flatnonzero(1.0 - fpr >= target - 1e-12)  # specificity falls as the threshold falls
+    if ok.size == 0:
+        raise ConfigError(f"no observed score reaches specificity {target:g} on these data (the highest-scored "
+                          "film is a negative one); choose a lower target, e.g. specificity:0.9")
+    return float(thr[ok[-1]])
+
+
 def choose_threshold(y, p, method: str = "youden") -> tuple[float, dict]:
     """Pick a decision threshold on (validation) data.
 
     "youden": maximise sensitivity + specificity - 1 over the ROC curve (the highest such threshold on ties);
-    "sensitivity:0.95": the highest threshold whose sensitivity is >= 0.95. Thresholds are observed scores
+    "sensitivity:0.95": the highest threshold whose sensitivity is >= 0.95; "specificity:0.9": the lowest threshold
+    whose specificity is >= 0.9 (the most sensitive one that keeps that specificity). Thresholds are observed scores
     (sklearn's leading `inf` is dropped), so a case is positive when p >= threshold.
     Returns (threshold, {method, threshold, sensitivity, specificity}) measured on the same data.
     """
@@ -244,8 +255,10 @@ def choose_threshold(y, p, method: str = "youden") -> tuple[float, dict]:
     if target is None:
         fpr, tpr, thr = _roc(y, p)
         t = float(thr[int(np.argmax(tpr - fpr))])
+    elif target[0] == "sensitivity":
+        t = _threshold_for_sensitivity(y, p, target[1])
     else:
-        t = _threshold_for_sensitivity(y, p, target)
+        t = _threshold_for_specificity(y, p, target[1])
     sens, spec = _sens_spec(y, p, t)
     return t, {"method": method, "threshold": t, "sensitivity": sens, "specificity": spec}
 

@@ -80,7 +80,7 @@ REPORT_SCHEMA: dict = {
             "properties": {
                 "value": _PROB,
                 "applies_to": {"enum": ["calibrated_probability", "probability"]},
-                "method": {"type": "string", "description": "e.g. youden, sensitivity:0.95, or a default"},
+                "method": {"type": "string", "description": "e.g. youden, sensitivity:0.95, specificity:0.9, or a default"},
                 "chosen_on": _STR_OR_NULL,
                 "validation_sensitivity": _NUM_OR_NULL,
                 "validation_specificity": _NUM_OR_NULL,

@@ -92,7 +92,29 @@ def test_choose_threshold_sensitivity_one():
     assert info["sensitivity"] == 1.0 and info["specificity"] == pytest.approx(3 / 6)
 
 
-@pytest.mark.parametrize("method", ["foo", "sensitivity", "sensitivity:abc", "sensitivity:1.5", "sensitivity:0", "Youden"])
+def test_choose_threshold_specificity_target():
+    y, p = _noisy(500, seed=2)
+    t, info = M.choose_threshold(y, p, "specificity:0.9")
+    m = M.binary_metrics(y, p, t)
+    assert m["specificity"] >= 0.9
+    assert info["sensitivity"] == pytest.approx(m["sensitivity"])
+    assert info["specificity"] == pytest.approx(m["specificity"])
+    # the lowest such threshold (the most sensitive one): the next observed score below it misses the target
+    below = np.unique(p[p < t])[-1]
+    assert M.binary_metrics(y, p, below)["specificity"] < 0.9
+
+
+def test_choose_threshold_specificity_one():
+    t, info = M.choose_threshold(Y10, P10, "specificity:1")
+    assert info["specificity"] == 1.0
+    assert t == pytest.approx(0.7)  # the lowest-scored positive above every negative (0.6)
+    assert info["sensitivity"] == pytest.approx(3 / 4)
+    with pytest.raises(ConfigError, match="lower target"):  # the highest-scored film is a negative one
+        M.choose_threshold([0, 1, 0], [0.1, 0.5, 0.9], "specificity:1")
+
+
+@pytest.mark.parametrize("method", ["foo", "sensitivity", "sensitivity:abc", "sensitivity:1.5", "sensitivity:0", "Youden",
+                                    "specificity:0", "specificity:2", "specifity:0.9"])
 def test_choose_threshold_bad_method(method):
     with pytest.raises(ConfigError, match="youden"):
         M.choose_threshold(Y10, P10, method)
