@@ -12,7 +12,7 @@ def _adapt(args: argparse.Namespace) -> int:
     from pneumoscope.studies.adapt.run import adapt
 
     r = adapt(args.data, args.out, checkpoint=args.checkpoint, base_data=args.base_data, seed=args.seed,
-              progress=args.progress)
+              progress=args.progress, threshold=args.threshold)
     win = next(x for x in r["strategies"] if x.key == r["winner"])
     ready, fails = verdict({"metrics": win.metrics}, r["ood"])
     log.info("verdict: %s%s", "READY for local use" if ready else "NOT READY for local use",
@@ -36,5 +36,9 @@ def register(sub) -> None:
     s.add_argument("--base-data", help="the base model's training data folder, for replay and the forgetting check "
                                        "(default: the folder named in the base's config, when it exists here)")
     s.add_argument("--seed", type=int, default=0, help="seed of the folds and of fine-tuning (default 0)")
+    s.add_argument("--threshold", default="youden",
+                   help="how the local operating point is chosen on out-of-fold predictions: youden (default), "
+                        "sensitivity:0.95 (the highest threshold keeping that sensitivity) or specificity:0.9 (the "
+                        "lowest threshold keeping that specificity)")
     s.add_argument("--progress", action="store_true", help="progress bars while decoding")
     s.set_defaults(func=_adapt)

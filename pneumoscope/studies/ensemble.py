@@ -16,6 +16,7 @@ ensemble), and the checkpoint's ``metrics`` are out-of-fold figures over all tra
 from __future__ import annotations
 
 import hashlib
+import weakref
 import logging
 from importlib.util import find_spec
 from pathlib import Path
@@ -107,11 +108,16 @@ def member_folds(ckpt: dict, data_dir: str | Path) -> list[list]:
             for m in ckpt["ensemble_members"]]
 
 
+_MEMBER_RUNTIMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def member_runtime(ens: Ensemble, i: int) -> OnnxBackend | None:
     """ONNX Runtime copy of member ``i`` (exported once into the ONNX cache, keyed by its weights, and checked against
     PyTorch within 1e-4 by ``inference.onnx.cached_backend``), or None (no onnxruntime, another input size or
     intensity method than the ensemble's, or no agreement)."""
-    cache = ens.__dict__.setdefault("_member_runtimes", {})  # one export check and session per member, per ensemble
+    # one export check and session per member, per ensemble; kept beside the module, not in it: an ONNX Runtime
+    # session cannot be deep-copied (Grad-CAM copies the model) or pickled
+    cache = _MEMBER_RUNTIMES.setdefault(ens, {})
     if i in cache:
         return cache[i]
     member = ens.members[i]

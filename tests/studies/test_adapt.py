@@ -68,6 +68,28 @@ def test_a_folds_label_never_sets_its_own_threshold():
     assert not np.array_equal(label[fold != 2], label2[fold != 2])  # the other folds did see the flipped labels
 
 
+def test_cross_fitted_threshold_follows_the_stated_method():
+    """sensitivity:T / specificity:T hold (nearly: each fold's threshold is set on the other folds) on unseen folds."""
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 400)
+    oof = y * 1.5 + rng.normal(size=400)
+    fold = np.arange(400) % 5
+    _, youden = cross_fitted(y, oof, fold)
+    _, sens = cross_fitted(y, oof, fold, "sensitivity:0.98")
+    _, spec = cross_fitted(y, oof, fold, "specificity:0.98")
+    recall = lambda label, c: float(np.mean(label[y == c] == c))  # noqa: E731
+    assert recall(sens, 1) >= 0.95 and recall(sens, 1) > recall(youden, 1) and recall(sens, 0) < recall(youden, 0)
+    assert recall(spec, 0) >= 0.95 and recall(spec, 0) > recall(youden, 0) and recall(spec, 1) < recall(youden, 1)
+
+
+def test_a_bad_threshold_method_fails_before_any_film_is_read(tmp_path):
+    from pneumoscope.errors import ConfigError
+    from pneumoscope.studies.adapt.run import adapt
+
+    with pytest.raises(ConfigError, match="specificity:<target"):
+        adapt(tmp_path / "no-such-site", tmp_path / "out", threshold="specificity")
+
+
 def test_winner_rule_prefers_fewer_numbers_within_a_hundredth():
     def r(key, auc, n):
         return CVResult(key, key, n, np.zeros(1), np.zeros(1), np.zeros(1), {"auc": auc})
@@ -89,7 +111,8 @@ def test_refuses_one_class_and_too_few_films(shared_data, tmp_path):
 
 @pytest.fixture(scope="module")
 def adapted(shared_data, chest_xray, tmp_path_factory):
-    """One adapt run: 20 patients per class of site_nih, the base's replay and forgetting on a 120-image subset."""
+    """One adapt run: 20 patients per class of site_nih, the base's replay and forgetting on a 120-image subset; the
+    operating point for a stated sensitivity instead of Youden's."""
     from pneumoscope.studies.adapt.run import adapt
 
     root = tmp_path_factory.mktemp("adapt")
@@ -97,7 +120,7 @@ def adapted(shared_data, chest_xray, tmp_path_factory):
     base = root / "base"
     for c in ("NORMAL", "PNEUMONIA"):
         _link(base / c, sorted((chest_xray / "train" / c).glob("*.jpeg"))[:60])
-    report = adapt(site, root / "out", base_data=base, replay_films=40)
+    report = adapt(site, root / "out", base_data=base, replay_films=40, threshold="sensitivity:0.9")
     return report, root / "out", site
 
 
@@ -127,10 +150,13 @@ def test_threshold_and_calibration_come_from_out_of_fold_predictions(adapted):
         rows = list(csv.DictReader(f))
     y = np.array([int(r["label"]) for r in rows])
     oof = np.array([float(r[f"logit_{report['winner']}"]) for r in rows])
-    expected = fit_calibration_and_threshold(oof[:, None], y, "youden")
+    assert report["threshold_method"] == "sensitivity:0.9"
+    expected = fit_calibration_and_threshold(oof[:, None], y, "sensitivity:0.9")
     ckpt = torch.load(out / "model.pt", weights_only=True)
     for key in ("threshold", "temperature", "calibration_bias"):
         assert ckpt[key] == pytest.approx(expected[key], abs=1e-9), key
+    assert ckpt["threshold_info"]["method"] == "sensitivity:0.9" and ckpt["threshold_info"]["sensitivity"] >= 0.9
+    assert "threshold chosen (sensitivity:0.9)" in (out / "report.md").read_text()
     folds = {}
     for r in rows:  # the csv's folds keep patients whole too
         folds.setdefault(r["patient_id"], set()).add(r["fold"])

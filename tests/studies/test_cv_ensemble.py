@@ -12,6 +12,7 @@ from pneumoscope.inference.loader import load
 from pneumoscope.models.checkpoint import load_checkpoint
 from pneumoscope.studies.default_model import cv_recipe, train_cv
 from pneumoscope.studies.ensemble import build_cv, member_runtime, oof_logits
+from pneumoscope.trust.explain import heatmaps
 
 MEMBER = dict(model="seed_cnn", image_size=48, limit=160, epochs=1, batch_size=16, threads=2, progress=False)
 
@@ -108,7 +109,8 @@ def test_select_scores_a_cv_ensemble_out_of_fold_and_a_site_zero_shot(cv_runs, c
 def test_out_of_fold_logits_agree_between_onnx_runtime_and_pytorch(cv_runs, chest_xray, tmp_path):
     _, runs = cv_runs
     build_cv(runs, chest_xray, tmp_path / "cv.pt")
-    ens = load(tmp_path / "cv.pt", device="cpu").model
+    predictor = load(tmp_path / "cv.pt", device="cpu")
+    ens = predictor.model
     assert member_runtime(ens, 0) is not None and member_runtime(ens, 1) is not None  # members exported and checked
     rng = np.random.default_rng(0)
     u8 = rng.integers(0, 256, (12, 48, 48), dtype=np.uint8)
@@ -116,3 +118,5 @@ def test_out_of_fold_logits_agree_between_onnx_runtime_and_pytorch(cv_runs, ches
     fast, slow = oof_logits(ens, u8, fold), oof_logits(ens, u8, fold, backend="torch")
     assert fast.shape == (12, 1) and np.abs(fast - slow).max() <= 1e-4
     assert not np.allclose(oof_logits(ens, u8, 1 - fold), fast)  # the member of each fold, not one for all
+    # the sessions live beside the ensemble, not in it: Grad-CAM (select's lung-box column) deep-copies the model
+    assert heatmaps(predictor, u8[:2]).shape == (2, 48, 48)

@@ -82,6 +82,7 @@ def _row(r: dict, winner: str) -> str:
 def markdown(r: dict) -> str:
     site, base, win = r["site"], r["base"], next(x for x in r["strategies"] if x["key"] == r["winner"])
     ready, fails = verdict(win, r["ood"])
+    method = r.get("threshold_method", "youden")  # reports written before the option existed: Youden
     head = "| id | strategy | numbers fitted | CV AUC [95 % CI] | sensitivity [CI] | specificity [CI] | ECE | s |"
     sep = "| --- | --- | ---: | --- | --- | --- | ---: | ---: |"
     lines = [
@@ -93,7 +94,7 @@ def markdown(r: dict) -> str:
         ("All criteria met." if ready else "Not met: " + "; ".join(fails) + "."), "", f"Rule: {VERDICT_RULE}", "",
         "## Strategies (same patient-level folds)", "",
         f"{r['folds']}-fold cross-validation by patient, stratified by label (seed {r['seed']}). AUC from the "
-        "out-of-fold predictions of every film; sensitivity and specificity at a threshold chosen (Youden) on the "
+        f"out-of-fold predictions of every film; sensitivity and specificity at a threshold chosen ({method}) on the "
         "other folds' out-of-fold predictions, never on the film's own fold; 95 % CIs by a patient-level bootstrap.",
         f"Winner rule (fixed before the table): {WINNER_RULE}.", "", head, sep,
         *[_row(x, r["winner"]) for x in r["strategies"]], "",
@@ -119,7 +120,7 @@ def markdown(r: dict) -> str:
     lines += ["", "## The model", "",
               f"`{m['path']}` (`sha256:{m['sha256']}`): strategy {r['winner']} refitted on all {site['films']} films. "
               f"Calibration sigmoid(logit / {m['temperature']:.3f} + {m['calibration_bias']:.3f}) and threshold "
-              f"{m['threshold']:.3f} (Youden) fitted on the out-of-fold predictions only. Its out-of-distribution "
+              f"{m['threshold']:.3f} ({method}) fitted on the out-of-fold predictions only. Its out-of-distribution "
               f"reference covers {'the base model' + chr(39) + 's training images and ' if m['ood_covers_base'] else ''}"
               "this site's films: in cross-validation "
               f"{o['not_assessed']:.1%} of new site films would be 'not assessed' ({o['by_quality_flags']:.1%} by "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscope.config import resolve
+from pneumoscope.config import resolve, threshold_target
 from pneumoscope.data.cache import decode_all
 from pneumoscope.data.digest import file_digest
 from pneumoscope.data.splits import split_samples
@@ -105,10 +105,12 @@ def _base_on_site(base_pred, films, quality: list[list[str]]) -> dict:
 
 
 def adapt(data: str | Path, out: str | Path, checkpoint: str | Path | None = None, base_data: str | Path | None = None,
-          seed: int = 0, progress: bool = False, replay_films: int = REPLAY_FILMS) -> dict:
+          seed: int = 0, progress: bool = False, replay_films: int = REPLAY_FILMS, threshold: str = "youden") -> dict:
     """Adapt ``checkpoint`` (None = the bundled default model) to the labelled films of ``data``; write
     ``out/model.pt``, ``out/report.md``, ``out/report.json`` and plots; return the report. ``base_data``: the
-    base's training folder (replay of ``replay_films`` of its images, and the forgetting check)."""
+    base's training folder (replay of ``replay_films`` of its images, and the forgetting check). ``threshold``: how
+    the operating point is chosen on out-of-fold predictions (youden, sensitivity:T or specificity:T)."""
+    threshold_target(threshold)  # a bad method fails here, before any film is read
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,19 +164,19 @@ def adapt(data: str | Path, out: str | Path, checkpoint: str | Path | None = Non
     style = style_features(films.images, films.sizes)
     log.info("features of %d films in %.0f s", len(films), time.perf_counter() - t)
 
-    results = [cross_validate(s, y, fold, patients) for s in strategies]
+    results = [cross_validate(s, y, fold, patients, threshold) for s in strategies]
     winner = choose_winner(results)
     strategy = next(s for s in strategies if s.key == winner.key)
     log.info("winner by the rule: %s (%s)", winner.key, winner.name)
     confound = [cross_validate(S.style_only(np.hstack([style["histogram"], style["texture"], style["size"]]), y,
-                                            patients), y, fold, patients),
-                cross_validate(S.style_only(style["histogram"], y, patients), y, fold, patients)]
+                                            patients), y, fold, patients, threshold),
+                cross_validate(S.style_only(style["histogram"], y, patients), y, fold, patients, threshold)]
     confound[1].key, confound[1].name = "histogram", "intensity histogram only"
     curve = learning_curve(strategy, y, fold, patients, seed)
 
     model = strategy.model(strategy.fit(np.arange(len(y))))
     # out-of-fold predictions only: never films it trained on
-    calib = fit_calibration_and_threshold(winner.oof[:, None], y, "youden")
+    calib = fit_calibration_and_threshold(winner.oof[:, None], y, threshold)
     forgetting = _forgetting(model, base_pred, ckpt, base_dir) if base_dir is not None and ckpt.get("config") else None
     if forgetting is None:
         notes.append("forgetting not measured: the base model's training folder was not found (--base-data)")
@@ -205,7 +207,8 @@ def adapt(data: str | Path, out: str | Path, checkpoint: str | Path | None = Non
         "site": {"data": str(films.root), "digest": films.digest(), **films.counts(), "skipped": films.skipped},
         "base": {"checkpoint": str(base_path), "sha256": adaptation["base_sha256"], "name": ckpt["arch"]["name"],
                  **_base_on_site(base_pred, films, quality)},
-        "folds": k, "seed": seed, "strategies": results, "winner": winner.key, "confounding": confound,
+        "folds": k, "seed": seed, "threshold_method": threshold, "strategies": results, "winner": winner.key,
+        "confounding": confound,
         "lung_box_mass": lung_box, "gradcam_films": int(len(maps)), "learning_curve": curve, "forgetting": forgetting,
         "ood": ood_cv, "model": {"path": str(model_path), "sha256": file_digest(model_path), "ood_covers_base": bool(base_refs),
                   **calib},

@@ -54,24 +54,27 @@ def out_of_fold(strategy: Strategy, fold: np.ndarray, train_subset=None) -> np.n
     return oof
 
 
-def cross_fitted(y: np.ndarray, oof: np.ndarray, fold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Calibrated probabilities and labels of each fold with the calibration and the Youden threshold fitted on the
-    OTHER folds' out-of-fold predictions: what the final model's stored threshold does to films it never saw."""
+def cross_fitted(y: np.ndarray, oof: np.ndarray, fold: np.ndarray,
+                 method: str = "youden") -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated probabilities and labels of each fold with the calibration and the threshold (``method``: youden,
+    sensitivity:T or specificity:T) fitted on the OTHER folds' out-of-fold predictions: what the final model's
+    stored threshold does to films it never saw."""
     p, label = np.zeros(len(y)), np.zeros(len(y), dtype=np.int64)
     for k in range(fold.max() + 1):
         rest, here = fold != k, fold == k
         t, b = fit_calibration(oof[rest], y[rest])
         p_rest = pneumonia_score(oof[rest, None], t, b)
-        threshold, _ = choose_threshold(y[rest], p_rest, "youden")
+        threshold, _ = choose_threshold(y[rest], p_rest, method)
         p[here] = pneumonia_score(oof[here, None], t, b)
         label[here] = p[here] >= threshold
     return p, label
 
 
-def summarise(y: np.ndarray, oof: np.ndarray, fold: np.ndarray, patients: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
+def summarise(y: np.ndarray, oof: np.ndarray, fold: np.ndarray, patients: np.ndarray,
+              method: str = "youden") -> tuple[dict, np.ndarray, np.ndarray]:
     """AUC of the out-of-fold logits and sensitivity / specificity at the cross-fitted threshold, each with a
     patient-level bootstrap 95 % CI; ECE of the cross-fitted probabilities."""
-    p, label = cross_fitted(y, oof, fold)
+    p, label = cross_fitted(y, oof, fold, method)
     ranks = pneumonia_score(oof[:, None] / max(1e-6, float(np.std(oof))))  # any monotone map: AUC only
     auc = binary_metrics(y, ranks)["auc"]
     auc_ci = bootstrap_ci(y, ranks, 0.5, N_BOOT, groups=patients)["auc"]
@@ -82,10 +85,11 @@ def summarise(y: np.ndarray, oof: np.ndarray, fold: np.ndarray, patients: np.nda
              "ece": expected_calibration_error(y, p)}, p, label)
 
 
-def cross_validate(strategy: Strategy, y: np.ndarray, fold: np.ndarray, patients: np.ndarray) -> CVResult:
+def cross_validate(strategy: Strategy, y: np.ndarray, fold: np.ndarray, patients: np.ndarray,
+                   method: str = "youden") -> CVResult:
     t0 = time.perf_counter()
     oof = out_of_fold(strategy, fold)
-    metrics, p, label = summarise(y, oof, fold, patients)
+    metrics, p, label = summarise(y, oof, fold, patients, method)
     r = CVResult(strategy.key, strategy.name, strategy.n_weights, oof, p, label, metrics, time.perf_counter() - t0)
     log.info("%-6s %-60s CV AUC %.3f [%.3f, %.3f]  sens %.3f  spec %.3f  (%.0f s)", r.key, r.name, metrics["auc"],
              *metrics["auc_ci"], metrics["sensitivity"], metrics["specificity"], r.seconds)
