@@ -16,8 +16,8 @@ ensemble), and the checkpoint's ``metrics`` are out-of-fold figures over all tra
 from __future__ import annotations
 
 import hashlib
-import weakref
 import logging
+import weakref
 from importlib.util import find_spec
 from pathlib import Path
 
