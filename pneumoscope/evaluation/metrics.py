@@ -236,8 +236,8 @@ def _threshold_for_specificity(y: np.ndarray, p: np.ndarray, target: float) -> f
     fpr, _, thr = _roc(y, p)
     ok = np.flatnonzero(1.0 - fpr >= target - 1e-12)  # specificity falls as the threshold falls
     if ok.size == 0:
-        raise ConfigError(f"no observed score reaches specificity {target:g} on these data (the highest-scored "
-                          "film is a negative one); choose a lower target, e.g. specificity:0.9")
+        raise ConfigError(f"no observed score reaches specificity {target:g} on these data (negative films share or "
+                          "hold the highest score); choose a lower specificity target")
     return float(thr[ok[-1]])
 
 

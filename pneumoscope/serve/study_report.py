@@ -120,7 +120,8 @@ def _threshold(prediction: dict, model_info: dict) -> dict:
     out = {"value": float(prediction["threshold"]), "applies_to": prediction["label_from"]}
     if info:
         out.update(method=str(info.get("method", "unknown")),
-                   chosen_on="validation split of the training data (patient-level), never the test data",
+                   chosen_on=str(info.get("chosen_on") or "validation split of the training data (patient-level), "
+                                                             "never the test data"),
                    validation_sensitivity=info.get("sensitivity"), validation_specificity=info.get("specificity"))
     else:
         out.update(method="default 0.5: the checkpoint stores no chosen threshold", chosen_on=None)

@@ -109,7 +109,7 @@ def test_choose_threshold_specificity_one():
     assert info["specificity"] == 1.0
     assert t == pytest.approx(0.7)  # the lowest-scored positive above every negative (0.6)
     assert info["sensitivity"] == pytest.approx(3 / 4)
-    with pytest.raises(ConfigError, match="lower target"):  # the highest-scored film is a negative one
+    with pytest.raises(ConfigError, match="lower specificity target"):  # the highest-scored film is a negative one
         M.choose_threshold([0, 1, 0], [0.1, 0.5, 0.9], "specificity:1")
 
 

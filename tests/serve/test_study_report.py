@@ -122,6 +122,15 @@ def test_prediction_model_fields_win_over_the_loaded_model():
     rep = build_report(STUDY, pred, INFO, None, [])
     assert rep["model"]["name"] == "densenet121" and rep["model"]["checksum"] == "sha256:" + "1a" * 32
     assert rep["threshold"]["method"] == "sensitivity:0.95"
+    assert rep["threshold"]["chosen_on"].startswith("validation split of the training data")
+
+
+def test_an_adapted_models_threshold_says_where_it_was_chosen():
+    site = {"method": "specificity:0.9", "sensitivity": 0.7, "specificity": 0.9,
+            "chosen_on": "out-of-fold predictions on the site's own labelled films (pneumoscope adapt)"}
+    rep = build_report(STUDY, {**PREDICTION, "threshold_info": site}, INFO, None, [])
+    assert validate(rep, REPORT_SCHEMA) == []
+    assert rep["threshold"]["chosen_on"] == site["chosen_on"] and rep["threshold"]["method"] == "specificity:0.9"
 
 
 @pytest.mark.parametrize("bad", [

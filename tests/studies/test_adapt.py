@@ -156,6 +156,7 @@ def test_threshold_and_calibration_come_from_out_of_fold_predictions(adapted):
     for key in ("threshold", "temperature", "calibration_bias"):
         assert ckpt[key] == pytest.approx(expected[key], abs=1e-9), key
     assert ckpt["threshold_info"]["method"] == "sensitivity:0.9" and ckpt["threshold_info"]["sensitivity"] >= 0.9
+    assert "site's own labelled films" in ckpt["threshold_info"]["chosen_on"]  # what the structured report states
     assert "threshold chosen (sensitivity:0.9)" in (out / "report.md").read_text()
     folds = {}
     for r in rows:  # the csv's folds keep patients whole too

@@ -177,6 +177,7 @@ def adapt(data: str | Path, out: str | Path, checkpoint: str | Path | None = Non
     model = strategy.model(strategy.fit(np.arange(len(y))))
     # out-of-fold predictions only: never films it trained on
     calib = fit_calibration_and_threshold(winner.oof[:, None], y, threshold)
+    calib["threshold_info"]["chosen_on"] = "out-of-fold predictions on the site's own labelled films (pneumoscope adapt)"
     forgetting = _forgetting(model, base_pred, ckpt, base_dir) if base_dir is not None and ckpt.get("config") else None
     if forgetting is None:
         notes.append("forgetting not measured: the base model's training folder was not found (--base-data)")
