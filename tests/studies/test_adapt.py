@@ -54,12 +54,16 @@ def test_choose_k_from_patients_of_the_smaller_class():
     assert choose_k(y, np.arange(200).astype(str)) == 5
 
 
+def _synthetic_oof(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, out-of-fold logits that separate them imperfectly, and 5 folds."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    return y, y * 1.5 + rng.normal(size=n), np.arange(n) % 5
+
+
 def test_a_folds_label_never_sets_its_own_threshold():
     """Cross-fitted labels of fold k depend only on the OTHER folds: flipping fold k's labels changes nothing there."""
-    rng = np.random.default_rng(1)
-    y = rng.integers(0, 2, 200)
-    oof = y * 1.5 + rng.normal(size=200)
-    fold = np.arange(200) % 5
+    y, oof, fold = _synthetic_oof(200, seed=1)
     _, label = cross_fitted(y, oof, fold)
     y2 = y.copy()
     y2[fold == 2] = 1 - y2[fold == 2]
@@ -70,10 +74,7 @@ def test_a_folds_label_never_sets_its_own_threshold():
 
 def test_cross_fitted_threshold_follows_the_stated_method():
     """sensitivity:T / specificity:T hold (nearly: each fold's threshold is set on the other folds) on unseen folds."""
-    rng = np.random.default_rng(2)
-    y = rng.integers(0, 2, 400)
-    oof = y * 1.5 + rng.normal(size=400)
-    fold = np.arange(400) % 5
+    y, oof, fold = _synthetic_oof(400, seed=2)
     _, youden = cross_fitted(y, oof, fold)
     _, sens = cross_fitted(y, oof, fold, "sensitivity:0.98")
     _, spec = cross_fitted(y, oof, fold, "specificity:0.98")
@@ -150,7 +151,7 @@ def test_threshold_and_calibration_come_from_out_of_fold_predictions(adapted):
         rows = list(csv.DictReader(f))
     y = np.array([int(r["label"]) for r in rows])
     oof = np.array([float(r[f"logit_{report['winner']}"]) for r in rows])
-    assert report["threshold_method"] == "sensitivity:0.9"
+    assert report["model"]["threshold_info"]["method"] == "sensitivity:0.9"
     expected = fit_calibration_and_threshold(oof[:, None], y, "sensitivity:0.9")
     ckpt = torch.load(out / "model.pt", weights_only=True)
     for key in ("threshold", "temperature", "calibration_bias"):

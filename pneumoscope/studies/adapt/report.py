@@ -82,7 +82,7 @@ def _row(r: dict, winner: str) -> str:
 def markdown(r: dict) -> str:
     site, base, win = r["site"], r["base"], next(x for x in r["strategies"] if x["key"] == r["winner"])
     ready, fails = verdict(win, r["ood"])
-    method = r.get("threshold_method", "youden")  # reports written before the option existed: Youden
+    method = r["model"]["threshold_info"]["method"]  # the refit's method: the cross-fitted thresholds used the same
     head = "| id | strategy | numbers fitted | CV AUC [95 % CI] | sensitivity [CI] | specificity [CI] | ECE | s |"
     sep = "| --- | --- | ---: | --- | --- | --- | ---: | ---: |"
     lines = [

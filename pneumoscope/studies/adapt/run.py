@@ -208,7 +208,7 @@ def adapt(data: str | Path, out: str | Path, checkpoint: str | Path | None = Non
         "site": {"data": str(films.root), "digest": films.digest(), **films.counts(), "skipped": films.skipped},
         "base": {"checkpoint": str(base_path), "sha256": adaptation["base_sha256"], "name": ckpt["arch"]["name"],
                  **_base_on_site(base_pred, films, quality)},
-        "folds": k, "seed": seed, "threshold_method": threshold, "strategies": results, "winner": winner.key,
+        "folds": k, "seed": seed, "strategies": results, "winner": winner.key,
         "confounding": confound,
         "lung_box_mass": lung_box, "gradcam_films": int(len(maps)), "learning_curve": curve, "forgetting": forgetting,
         "ood": ood_cv, "model": {"path": str(model_path), "sha256": file_digest(model_path), "ood_covers_base": bool(base_refs),
