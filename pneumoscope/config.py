@@ -27,9 +27,9 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "blur": (0.0, 20.0), "downsample": (0.0, 4.0), "border_crop": (0.0, 0.4), "jpeg": (0, 95), "noise": (0.0, 1.0),
     "patience": (1, 1000), "threads": (0, 256), "workers": (0, 256),
     "limit": (0, 100_000_000), "freeze_epochs": (0, 1000), "backbone_lr_mult": (0.0, 100.0),
-    "mixup": (0.0, 10.0),
+    "mixup": (0.0, 10.0), "ema": (0.0, 1.0), "layer_decay": (0.0, 1.0),
 }
-OPEN = {"lr": "(lo", "val_fraction": "(lo hi)", "label_smoothing": "hi)"}
+OPEN = {"lr": "(lo", "val_fraction": "(lo hi)", "label_smoothing": "hi)", "ema": "hi)", "layer_decay": "(lo"}
 CHOICES: dict[str, tuple[str, ...]] = {
     "labels": ("binary", "ternary"), "imbalance": ("weighted", "sampler", "none"),
     "precision": ("auto", "bf16", "fp16", "fp32"), "intensity": tuple(INTENSITY_METHODS),
@@ -158,6 +158,8 @@ class TrainConfig:
     weights: str = ""  # local weights file for a backbone
     freeze_epochs: int = 0  # epochs with the backbone frozen (head warm-up) before fine-tuning
     backbone_lr_mult: float = 1.0  # discriminative learning rate: backbone lr = lr * this
+    layer_decay: float = 1.0  # layer-wise lr decay: backbone stage i of n at lr * backbone_lr_mult * this ** (n-1-i); 1 = off
+    ema: float = 0.0  # weight EMA decay per step (parameters and BatchNorm buffers); validated and saved as best.pt; 0 = off
     trainable: str = "all"  # all | head (frozen features + head) | last:N (last N backbone stages + head)
     intensity: str = "none"  # uint8 standardisation at the input size: none | equalize | clahe (data/intensity.py)
     model_kwargs: dict = field(default_factory=dict)  # extra constructor arguments of the model

@@ -39,6 +39,8 @@ TRAIN_FLAGS = {  # key -> help; every key is a TrainConfig field / YAML key (tes
     "weights": "local weights file for the backbone",
     "freeze_epochs": "epochs with a frozen backbone first",
     "backbone_lr_mult": "backbone learning rate = lr x this",
+    "layer_decay": "layer-wise lr decay: each earlier backbone stage at this x the next one's lr (1: off)",
+    "ema": "weight EMA decay per step, e.g. 0.995; the averaged weights are validated and saved (0: off)",
 }
 SWITCHES = {  # key -> (flag, action, help)
     "pretrained": ("--pretrained", "store_true", "ImageNet weights (efficientnet_lite0, offline)"),

@@ -83,18 +83,30 @@ def fold_rgb_stem(weight: torch.Tensor, rgb_mean: Sequence[float] | None = None,
 # Fine-tuning helpers
 
 
-def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float = 0.1) -> list[dict]:
+def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float = 0.1, layer_decay: float = 1.0) -> list[dict]:
     """Optimizer groups with discriminative learning rates: backbone at lr * backbone_lr_mult, head at lr.
 
+    ``layer_decay`` < 1: layer-wise learning-rate decay (one group per backbone stage, `backbone_stages`): the last
+    stage at lr * backbone_lr_mult, each earlier one ``layer_decay`` times its successor's rate.
     All parameters are included (also frozen ones, so unfreezing later needs no new optimizer).
     """
-    if lr <= 0 or backbone_lr_mult < 0:
-        raise ConfigError(f"lr={lr} must be > 0 and backbone_lr_mult={backbone_lr_mult} >= 0")
+    if lr <= 0 or backbone_lr_mult < 0 or not 0 < layer_decay <= 1:
+        raise ConfigError(f"lr={lr} must be > 0, backbone_lr_mult={backbone_lr_mult} >= 0 and layer_decay={layer_decay} "
+                          "in (0, 1]")
     backbone = list(model.backbone.parameters())
     ids = {id(p) for p in backbone}
     head = [p for p in model.parameters() if id(p) not in ids]
-    groups = [{"name": "backbone", "params": backbone, "lr": lr * backbone_lr_mult},
-              {"name": "head", "params": head, "lr": lr}]
+    if layer_decay < 1:
+        stages = [list(m.parameters()) for m in backbone_stages(model)]
+        if sum(len(ps) for ps in stages) != len(backbone):
+            raise ConfigError(f"layer_decay={layer_decay} needs the backbone split into stages; model "
+                              f"{type(model).__name__}'s stages miss some parameters: use layer_decay 1")
+        n = len(stages)
+        groups = [{"name": f"backbone.{i}", "params": ps, "lr": lr * backbone_lr_mult * layer_decay ** (n - 1 - i)}
+                  for i, ps in enumerate(stages)]
+    else:
+        groups = [{"name": "backbone", "params": backbone, "lr": lr * backbone_lr_mult}]
+    groups.append({"name": "head", "params": head, "lr": lr})
     return [g for g in groups if g["params"]]
 
 

@@ -2,7 +2,8 @@
 epoch's calibration), the checkpoint payload (a checkpoint holds what rebuilds its model), resume, weights digest.
 
 ``best.pt``: the epoch with the best validation AUC, with its threshold and calibration chosen on validation data.
-``last.pt``: every epoch, plus ``train_state`` (optimizer, scheduler, TrainState) so ``--resume`` continues exactly.
+``last.pt``: every epoch, plus ``train_state`` (optimizer, scheduler, TrainState, the weight average) so ``--resume``
+continues exactly. With a weight EMA, ``best.pt`` holds the average and ``last.pt`` the trained weights.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from pneumoscope.errors import ConfigError
 from pneumoscope.evaluation.calibration import fit_calibration_and_threshold
 from pneumoscope.models.checkpoint import load_checkpoint, save_checkpoint
 
@@ -47,13 +50,16 @@ class TrainState:
         self.best_info = fit_calibration_and_threshold(val_logits, y, threshold_method)
         self.best_logits = val_logits
 
-    def to_dict(self, opt, sched) -> dict:
+    def to_dict(self, opt, sched, ema: AveragedModel | None = None) -> dict:
         return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": self.history,
-                "best_auc": self.best_auc, "since_best": self.since_best, "best_info": self.best_info}
+                "best_auc": self.best_auc, "since_best": self.since_best, "best_info": self.best_info,
+                "ema": None if ema is None else {k: v.detach().cpu() for k, v in ema.state_dict().items()}}
 
     @classmethod
-    def resume(cls, last_path: Path, model: torch.nn.Module, opt, sched) -> "TrainState":
-        """Weights, optimizer and scheduler from ``last.pt``, and the state to continue from (fresh if none)."""
+    def resume(cls, last_path: Path, model: torch.nn.Module, opt, sched,
+               ema: AveragedModel | None = None) -> "TrainState":
+        """Weights, optimizer, scheduler (and weight average) from ``last.pt``, and the state to continue from
+        (fresh if none)."""
         if not last_path.exists():
             return cls()
         ck = load_checkpoint(last_path)
@@ -61,6 +67,11 @@ class TrainState:
         st = ck["train_state"]
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
+        if ema is not None:
+            if st.get("ema") is None:
+                raise ConfigError(f"cannot resume {last_path.parent} with ema: its last.pt was trained without a "
+                                 "weight average; resume with the run's own config (ema 0) or start a new run")
+            ema.load_state_dict(st["ema"])
         log.info("resuming %s after epoch %d (best val AUC so far %.4f)", last_path.parent, ck["epoch"], st["best_auc"])
         return cls(history=st["history"], best_auc=st["best_auc"], since_best=st["since_best"],
                    best_info=st["best_info"], next_epoch=ck["epoch"] + 1)
@@ -73,12 +84,23 @@ def payload(model: torch.nn.Module, label_names, cfg_dict: dict, epoch: int, met
             "epoch": epoch, "metrics": metrics, "config": cfg_dict, **extra}
 
 
-def save_epoch(out: Path, model, label_names, cfg_dict: dict, state: TrainState, improved: bool, opt, sched) -> None:
-    """``best.pt`` when this epoch improved, ``last.pt`` always (with the state to resume from)."""
+def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel | None:
+    """The exponential moving average of ``model``'s parameters and BatchNorm buffers (``decay`` per step), or None
+    for ``decay`` 0. Its ``.module`` is a full model (architecture, preprocessing) that predicts and saves as one."""
+    if decay <= 0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def save_epoch(out: Path, model, label_names, cfg_dict: dict, state: TrainState, improved: bool, opt, sched,
+               ema: AveragedModel | None = None) -> None:
+    """``best.pt`` when this epoch improved (the weight average when there is one), ``last.pt`` always (the trained
+    weights, with the state to resume from)."""
     h = state.history[-1]
     if improved:
-        save_checkpoint(payload(model, label_names, cfg_dict, h["epoch"], h, **state.best_info), out / "best.pt")
-    save_checkpoint(payload(model, label_names, cfg_dict, h["epoch"], h, train_state=state.to_dict(opt, sched)),
+        best = ema.module if ema is not None else model
+        save_checkpoint(payload(best, label_names, cfg_dict, h["epoch"], h, **state.best_info), out / "best.pt")
+    save_checkpoint(payload(model, label_names, cfg_dict, h["epoch"], h, train_state=state.to_dict(opt, sched, ema)),
                     out / "last.pt")
 
 

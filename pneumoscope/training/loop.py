@@ -3,7 +3,9 @@
 Data are decoded once into a uint8 tensor at the model's input size (``setup.start_run``); batches are augmented
 as tensors; the model runs channels_last under bf16 autocast where the hardware has it. Every epoch writes
 ``last.pt`` (resumable), ``best.pt`` when validation AUC improves (with its decision threshold and calibration
-chosen on validation data), and the history. Under ``torchrun`` it trains with DistributedDataParallel.
+chosen on validation data), and the history. With ``ema`` the model that is validated and saved as ``best.pt`` is
+the exponential moving average of the weights (``torch.optim.swa_utils.AveragedModel``, BatchNorm buffers included).
+Under ``torchrun`` it trains with DistributedDataParallel.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from pneumoscope.models.weights import (
 )
 from pneumoscope.progress import bar as progress_bar
 from pneumoscope.training.augment import augment_batch
-from pneumoscope.training.checkpoint import TrainState, save_epoch, weights_digest
+from pneumoscope.training.checkpoint import TrainState, make_ema, save_epoch, weights_digest
 from pneumoscope.training.history import (
     best_val_logits,
     epoch_line,
@@ -51,7 +53,8 @@ def train(cfg: TrainConfig | dict | str | None = None, *, resume: str | None = N
     run = start_run(cfg.validate(), prefetch)
     cfg = run.cfg  # with what the run derived: its folder and the model's input size
     model, main = run.model, run.dist.main
-    opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.backbone_lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.backbone_lr_mult, cfg.layer_decay), lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     steps = max(1, math.ceil(len(run.tr.y) / run.dist.world) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
                                                 total_steps=cfg.epochs * steps, pct_start=0.15)
@@ -59,7 +62,9 @@ def train(cfg: TrainConfig | dict | str | None = None, *, resume: str | None = N
     loss_fn = make_loss(cfg, run.tr.y, run.n_classes, run.device)
     net = model if run.dist.world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    state = TrainState.resume(run.out / "last.pt", model, opt, sched) if resume else TrainState()
+    ema = make_ema(model, cfg.ema)  # None when off
+    state = TrainState.resume(run.out / "last.pt", model, opt, sched, ema) if resume else TrainState()
+    scored = ema.module if ema is not None else model  # the weights validated and saved as best.pt
     y_val = run.va.y.numpy()
 
     for epoch in range(state.next_epoch, cfg.epochs + 1):
@@ -68,10 +73,10 @@ def train(cfg: TrainConfig | dict | str | None = None, *, resume: str | None = N
         t0 = time.perf_counter()
         set_backbone_trainable(model, epoch > cfg.freeze_epochs)
         frozen = apply_trainable(model, cfg.trainable)  # trainable head / last:N: a fixed part of the backbone
-        loss, accuracy, seen = train_epoch(run, net, opt, sched, scaler, loss_fn, epoch, steps, frozen)
+        loss, accuracy, seen = train_epoch(run, net, opt, sched, scaler, loss_fn, epoch, steps, frozen, ema)
         train_seconds = time.perf_counter() - t0
         # with the model's test-time views (inference/tta.py), as it will predict
-        val_logits = predict_logits(with_views(model, cfg.tta), run.va.x, model.preprocess, run.device, run.amp)
+        val_logits = predict_logits(with_views(scored, cfg.tta), run.va.x, model.preprocess, run.device, run.amp)
         h = {"epoch": epoch, "loss": loss, "accuracy": accuracy, **validation_scores(val_logits, y_val),
              "lr": sched.get_last_lr()[0], "frozen_backbone": epoch <= cfg.freeze_epochs,
              "seconds": time.perf_counter() - t0, "images_per_s": seen / train_seconds}
@@ -80,7 +85,7 @@ def train(cfg: TrainConfig | dict | str | None = None, *, resume: str | None = N
             state.choose_operating_point(val_logits, y_val, cfg.threshold)
         if main:
             log.info("%s%s", epoch_line(h, cfg.epochs), "  *" if improved else "")
-            save_epoch(run.out, model, run.label_names, cfg.to_dict(), state, improved, opt, sched)
+            save_epoch(run.out, model, run.label_names, cfg.to_dict(), state, improved, opt, sched, ema)
             write_history(run.out, state.history)
         if state.stopped(cfg.patience):
             if main:
@@ -90,9 +95,10 @@ def train(cfg: TrainConfig | dict | str | None = None, *, resume: str | None = N
 
 
 def train_epoch(run: Run, net, opt, sched, scaler, loss_fn, epoch: int, steps: int,
-                frozen: list[torch.nn.Module]) -> tuple[float, float, int]:
+                frozen: list[torch.nn.Module], ema=None) -> tuple[float, float, int]:
     """One pass over (this rank's share of) the training images; returns mean loss, accuracy at 0.5, images seen.
-    ``frozen`` stages stay in eval mode: their BatchNorm keeps its pretrained statistics."""
+    ``frozen`` stages stay in eval mode: their BatchNorm keeps its pretrained statistics. ``ema``: the weight
+    average, updated after every optimizer step."""
     cfg, tr, device, pre = run.cfg, run.tr, run.device, run.model.preprocess
     # every random draw of this epoch comes from (seed, epoch): a resumed run repeats it exactly
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
@@ -127,6 +133,8 @@ def train_epoch(run: Run, net, opt, sched, scaler, loss_fn, epoch: int, steps: i
         scaler.step(opt)
         scaler.update()
         sched.step()
+        if ema is not None:
+            ema.update_parameters(run.model)
         loss_sum += loss.detach() * len(idx)
         # (with mixup: against the label of each blend's first image, so a rough figure)
         correct += ((logits[:, 0] > 0).long() if run.n_classes == 2 else logits.argmax(1)).eq(yb).sum()
@@ -163,7 +171,7 @@ def summarise(run: Run, state: TrainState) -> dict:
     if main:
         plot_history(state.history, run.out / "curves.png")
         (run.out / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
-    metrics["weights_digest"] = weights_digest(run.model)  # every rank: DDP replicas must agree
+    metrics["weights_digest"] = weights_digest(run.model)  # every rank: DDP replicas must agree (trained, not EMA)
     if run.dist.world > 1:
         tdist.barrier()
     return metrics

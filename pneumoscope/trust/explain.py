@@ -37,6 +37,7 @@ from pneumoscope.inference.assess import HEATMAP_RULE, NOT_ASSESSED, heatmap_sho
 from pneumoscope.inference.loader import load
 from pneumoscope.inference.runtime import normalize
 from pneumoscope.models.efficientnet import forward_until
+from pneumoscope.models.ensemble import Ensemble
 from pneumoscope.models.layers import LinearHead
 
 log = logging.getLogger(__name__)  # torch is imported inside the functions: `pneumoscope --help` stays instant
@@ -62,6 +63,18 @@ def pneumonia_logit(model, class_idx: int | None = None):
     return PneumoniaLogit()
 
 
+class _MemberLogit(nn.Module):
+    """Member ``i``'s uncalibrated pneumonia logit of an ensemble's input (no clamping: a confident member keeps its
+    gradient)."""
+
+    def __init__(self, ensemble, i: int) -> None:
+        super().__init__()
+        self.ensemble, self.i = ensemble, i
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ensemble.members[self.i](self.ensemble.member_input(x, self.i)).float()[:, :1]
+
+
 def _unit_max(cam):
     """Per-image division by the maximum (Grad-CAM maps are >= 0 after its ReLU); an all-zero map stays zero."""
 
@@ -82,16 +95,26 @@ def heatmaps(predictor, images_u8: np.ndarray, class_idx: int | None = None) -> 
         raise ValueError(f"{type(predictor.model).__name__} has no gradcam_layer; build it with models.create_model")
     # a private copy: MONAI's hooks stay on it, the predictor's model keeps its mode, hooks and memory format
     model = copy.deepcopy(predictor.model).float().to(memory_format=torch.contiguous_format).eval()
-    net = pneumonia_logit(model, class_idx).eval()
-    # an ensemble (models/ensemble.py) names one layer per member: their maps, each at the input size, are averaged
+    # an ensemble (models/ensemble.py) names one layer per member: each member's map is its own Grad-CAM (the
+    # ensemble's input, the member's raw logit), each at the input size, and the maps are averaged. The ensemble's
+    # logit is a per-image increasing function of each member's, so its gradient at a member's layer is the member's
+    # own times a positive factor per image, which the per-image division by the maximum removes: the same maps as
+    # explaining the ensemble's output (tests/trust), with one member's forward and backward pass each instead of all.
+    # Other models with several ``gradcam_layers`` (adapt's FeatureHead) have their output explained at each layer.
     layers = list(getattr(model, "gradcam_layers", None) or [layer])
+    if isinstance(model, Ensemble):
+        targets = [(pneumonia_logit(_MemberLogit(model, i), class_idx).eval(), "model.ensemble." + name)
+                   for i, name in enumerate(layers)]
+    else:
+        net = pneumonia_logit(model, class_idx).eval()
+        targets = [(net, "model." + name) for name in layers]
     dev = predictor.device
     x = torch.from_numpy(np.array(predictor.preprocess.standardise(x_u8), copy=True)).unsqueeze(1).to(dev).float().div_(255)
     x = normalize(x, predictor.preprocess).contiguous().requires_grad_(True)
     has_rnn = any(isinstance(m, nn.RNNBase) for m in model.modules())
     maps = []
-    for name in layers:
-        cam = GradCAM(nn_module=net, target_layers="model." + name, postprocessing=_unit_max)
+    for net, target in targets:
+        cam = GradCAM(nn_module=net, target_layers=target, postprocessing=_unit_max)
         with torch.enable_grad(), torch.backends.cudnn.flags(enabled=not (has_rnn and dev.type == "cuda")):
             maps.append(cam(x=x, class_idx=0).detach().float())
     out = maps[0] if len(maps) == 1 else _unit_max(torch.stack(maps).mean(0))

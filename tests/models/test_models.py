@@ -400,6 +400,26 @@ def test_param_groups_and_frozen_backbone():
         param_groups(model, lr=0, backbone_lr_mult=0.1)
 
 
+def test_layer_decay_gives_each_backbone_stage_a_geometric_learning_rate():
+    """layer_decay < 1: one group per backbone stage (EfficientNet: stem, each block, conv head), the last stage at
+    lr * backbone_lr_mult, each earlier one layer_decay times its successor; every parameter in exactly one group."""
+    from pneumoscope.models.weights import backbone_stages
+
+    model = create_model("efficientnet_lite0", pretrained=False)
+    groups = param_groups(model, lr=1e-3, backbone_lr_mult=0.5, layer_decay=0.8)
+    n = len(backbone_stages(model))
+    assert [g["name"] for g in groups] == [f"backbone.{i}" for i in range(n)] + ["head"]
+    assert groups[-1]["lr"] == pytest.approx(1e-3) and groups[-2]["lr"] == pytest.approx(5e-4)
+    for earlier, later in zip(groups[:-2], groups[1:-1]):
+        assert earlier["lr"] == pytest.approx(0.8 * later["lr"])
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert [g["name"] for g in param_groups(model, 1e-3, 0.5, layer_decay=1.0)] == ["backbone", "head"]
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="layer_decay"):
+            param_groups(model, 1e-3, 0.5, layer_decay=bad)
+
+
 def test_efficientnet_batchnorm_statistics_follow_training():
     """With the package's momentum (0.01) eval-mode BN statistics lag far behind a few training steps; 0.1 does not."""
     torch.manual_seed(0)

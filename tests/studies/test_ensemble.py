@@ -69,3 +69,31 @@ def test_members_on_different_splits_are_refused(tiny_checkpoint, chest_xray, tm
     train(dict(TINY, image_size=48, epochs=1, seed=1, data=str(chest_xray), out=str(other)))
     with pytest.raises(CheckpointError, match="another split"):
         build([tiny_checkpoint, other / "best.pt"], chest_xray, tmp_path / "e.pt")
+
+
+def test_ensemble_heatmaps_equal_grad_cam_of_the_ensemble_output(ensemble_ckpt, chest_xray):
+    """An ensemble is explained member by member (each member's own logit, one backward pass each); the maps must
+    equal MONAI's Grad-CAM of the ensemble's own output at each member's layer, averaged, on real films."""
+    import copy
+
+    import torch
+    from monai.visualize import GradCAM
+
+    from pneumoscope.inference.runtime import normalize
+    from pneumoscope.trust.explain import _unit_max, pneumonia_logit
+
+    _, path = ensemble_ckpt
+    pred = load(path, device="cpu")
+    files = sorted((chest_xray / "train" / "NORMAL").glob("*.jpeg"))[:3] + sorted(
+        (chest_xray / "train" / "PNEUMONIA").glob("*.jpeg"))[:3]
+    u8 = np.stack([pred.prepare(f)[0] for f in files])
+    model = copy.deepcopy(pred.model).float().to(memory_format=torch.contiguous_format).eval()
+    net = pneumonia_logit(model).eval()
+    x = normalize(torch.from_numpy(u8.copy()).unsqueeze(1).float().div_(255), pred.preprocess).requires_grad_(True)
+    with torch.enable_grad():
+        whole = [GradCAM(nn_module=net, target_layers="model." + name, postprocessing=_unit_max)(x=x, class_idx=0)
+                 for name in model.gradcam_layers]
+    expected = _unit_max(torch.stack(whole).mean(0).detach())[:, 0].numpy()
+    got = heatmaps(pred, u8)
+    assert expected.max() > 0 and len(model.gradcam_layers) == 2
+    np.testing.assert_allclose(got, expected, atol=1e-4)

@@ -149,8 +149,11 @@ print(json.dumps({"on": on, "returned": returned, "kept": [faults_of_second_allo
     assert min(r["returned"]) > 8000 and max(r["kept"][4:]) < 1000, r
 
 
-def test_resume_after_kill_equals_straight_run(chest_xray, tmp_path):
-    cfg = dict(SMALL, data=str(chest_xray), epochs=4, patience=10)
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_after_kill_equals_straight_run(chest_xray, tmp_path, ema):
+    """Killed after an epoch and resumed: the same trained weights, history and (with a weight EMA, restored from
+    last.pt) the same best.pt as a straight run."""
+    cfg = dict(SMALL, data=str(chest_xray), epochs=4, patience=10, ema=ema)
     straight = train(dict(cfg, out=str(tmp_path / "straight")))
     killed = tmp_path / "killed"
     code = ("import sys, json; from pneumoscope.training.loop import train; "
@@ -178,6 +181,54 @@ def test_resume_after_kill_equals_straight_run(chest_xray, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert [round(h["val_loss"], 6) for h in resumed["history"]] == [round(h["val_loss"], 6) for h in straight["history"]]
+    a, b = (load_checkpoint(d / "best.pt") for d in (tmp_path / "straight", killed))
+    assert a["epoch"] == b["epoch"]
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0, msg=k)
+
+
+def test_make_ema_averages_parameters_and_batchnorm_buffers():
+    """decay d: the first update copies the weights, each later one keeps d of the average; BatchNorm's running
+    statistics are averaged the same way (the average must predict with matching statistics)."""
+    from pneumoscope.training.checkpoint import make_ema
+
+    assert make_ema(torch.nn.Linear(2, 1), 0.0) is None
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = make_ema(net, 0.9)
+    seen = []
+    for value in (1.0, 3.0):
+        with torch.no_grad():
+            net[0].weight.fill_(value)
+            net[1].running_mean.fill_(value)
+        ema.update_parameters(net)
+        seen.append(value)
+    expected = 0.9 * seen[0] + 0.1 * seen[1]
+    assert torch.allclose(ema.module[0].weight, torch.full((2, 2), expected))
+    assert torch.allclose(ema.module[1].running_mean, torch.full((2,), expected))
+
+
+def test_ema_run_saves_the_average_it_validated(chest_xray, tmp_path):
+    """With ``ema`` best.pt holds the weight average, not the trained weights (last.pt), and it is the model that
+    was validated: reloading it reproduces the best epoch's metrics. A bad decay is refused by name."""
+    from pneumoscope.config import resolve
+    from pneumoscope.data.splits import split_samples
+    from pneumoscope.inference.runtime import pick_precision
+    from pneumoscope.training.data import decode
+    from pneumoscope.training.history import best_val_logits, val_at_threshold
+
+    m = train(dict(SMALL, data=str(chest_xray), epochs=2, patience=10, ema=0.8, out=str(tmp_path / "e")))
+    best, last = (load_checkpoint(tmp_path / "e" / f) for f in ("best.pt", "last.pt"))
+    assert best["config"]["ema"] == 0.8 and last["train_state"]["ema"] is not None
+    if best["epoch"] == last["epoch"]:
+        assert any(not torch.equal(best["state_dict"][k], last["state_dict"][k]) for k in best["state_dict"])
+    cfg = resolve(dict(SMALL, data=str(chest_xray)))
+    va = decode(split_samples(cfg)[1], 64, cfg, show=False)
+    cpu = torch.device("cpu")
+    again = val_at_threshold(best_val_logits(best, va, cpu, pick_precision("auto", cpu)), va.y.numpy(), best)
+    assert again == m["val_at_threshold"] and again["auc"] == pytest.approx(m["val_auc"])
+    for bad in (1.0, -0.1):
+        with pytest.raises(ConfigError, match="ema"):
+            train(dict(SMALL, data=str(chest_xray), ema=bad, out=str(tmp_path / "bad")))
 
 
 @pytest.mark.parametrize("override,match", [
