@@ -65,12 +65,19 @@ class TrainState:
         ck = load_checkpoint(last_path)
         model.load_state_dict(ck["state_dict"])
         st = ck["train_state"]
+        stored = ck.get("config", {})
+        if len(st["optimizer"]["param_groups"]) != len(opt.param_groups):
+            raise ConfigError(f"cannot resume {last_path.parent}: its optimizer has {len(st['optimizer']['param_groups'])} "
+                              f"learning-rate groups, this config {len(opt.param_groups)} (layer_decay "
+                              f"{stored.get('layer_decay', 1.0)!r} then); resume without overriding layer_decay or "
+                              "start a new run")
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
+        if (ema is None) != (st.get("ema") is None):
+            raise ConfigError(f"cannot resume {last_path.parent} with ema {'off' if ema is None else 'on'}: it was "
+                              f"trained with ema {stored.get('ema', 0.0)!r}; resume with the run's own config (no ema "
+                              "override) or start a new run")
         if ema is not None:
-            if st.get("ema") is None:
-                raise ConfigError(f"cannot resume {last_path.parent} with ema: its last.pt was trained without a "
-                                 "weight average; resume with the run's own config (ema 0) or start a new run")
             ema.load_state_dict(st["ema"])
         log.info("resuming %s after epoch %d (best val AUC so far %.4f)", last_path.parent, ck["epoch"], st["best_auc"])
         return cls(history=st["history"], best_auc=st["best_auc"], since_best=st["since_best"],
@@ -89,6 +96,7 @@ def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel | None:
     for ``decay`` 0. Its ``.module`` is a full model (architecture, preprocessing) that predicts and saves as one."""
     if decay <= 0:
         return None
+    # (BatchNorm's integer num_batches_tracked is not averaged; it matters only for momentum=None, unused here)
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 

@@ -78,7 +78,7 @@ def train(cfg: TrainConfig | dict | str | None = None, *, resume: str | None = N
         # with the model's test-time views (inference/tta.py), as it will predict
         val_logits = predict_logits(with_views(scored, cfg.tta), run.va.x, model.preprocess, run.device, run.amp)
         h = {"epoch": epoch, "loss": loss, "accuracy": accuracy, **validation_scores(val_logits, y_val),
-             "lr": sched.get_last_lr()[0], "frozen_backbone": epoch <= cfg.freeze_epochs,
+             "lr": backbone_lr(sched.get_last_lr()), "frozen_backbone": epoch <= cfg.freeze_epochs,
              "seconds": time.perf_counter() - t0, "images_per_s": seen / train_seconds}
         improved = state.record(h)
         if improved:  # calibration and threshold of the new best epoch, chosen on validation data only
@@ -92,6 +92,12 @@ def train(cfg: TrainConfig | dict | str | None = None, *, resume: str | None = N
                 log.info("early stopping: no better validation AUC for %d epochs", state.since_best)
             break
     return summarise(run, state)
+
+
+def backbone_lr(lrs: list[float]) -> float:
+    """The logged rate: the backbone's (with layer_decay its last stage's: lr * backbone_lr_mult, as without it);
+    groups are [backbone stage(s)..., head] (models.weights.param_groups), or [head] alone."""
+    return lrs[-2] if len(lrs) > 1 else lrs[0]
 
 
 def train_epoch(run: Run, net, opt, sched, scaler, loss_fn, epoch: int, steps: int,

@@ -99,7 +99,9 @@ def heatmaps(predictor, images_u8: np.ndarray, class_idx: int | None = None) -> 
     # ensemble's input, the member's raw logit), each at the input size, and the maps are averaged. The ensemble's
     # logit is a per-image increasing function of each member's, so its gradient at a member's layer is the member's
     # own times a positive factor per image, which the per-image division by the maximum removes: the same maps as
-    # explaining the ensemble's output (tests/trust), with one member's forward and backward pass each instead of all.
+    # explaining the ensemble's output (tests/studies/test_ensemble.py), one member's passes each instead of all.
+    # Except where that output saturates (mean probability clamped at 1 - 1e-6, or a member's sigmoid at 1 in
+    # float32): its gradient is 0 there and its map was blank; the member's own logit still gives a map.
     # Other models with several ``gradcam_layers`` (adapt's FeatureHead) have their output explained at each layer.
     layers = list(getattr(model, "gradcam_layers", None) or [layer])
     if isinstance(model, Ensemble):

@@ -181,10 +181,24 @@ def test_resume_after_kill_equals_straight_run(chest_xray, tmp_path, ema):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert [round(h["val_loss"], 6) for h in resumed["history"]] == [round(h["val_loss"], 6) for h in straight["history"]]
+    if ema:  # the average itself was restored, whichever epoch best.pt came from
+        a, b = (load_checkpoint(d / "last.pt")["train_state"]["ema"] for d in (tmp_path / "straight", killed))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     a, b = (load_checkpoint(d / "best.pt") for d in (tmp_path / "straight", killed))
     assert a["epoch"] == b["epoch"]
     for k in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0, msg=k)
+
+
+def test_resume_refuses_a_changed_ema_or_layer_decay(chest_xray, tmp_path):
+    """A run resumed with the weight average switched on or off, or with other learning-rate groups, would mix two
+    recipes in one best.pt: refused by name, before any epoch runs."""
+    train(dict(SMALL, data=str(chest_xray), epochs=1, ema=0.9, out=str(tmp_path / "r")))
+    with pytest.raises(ConfigError, match="ema"):
+        train(resume=str(tmp_path / "r"), ema=0.0)
+    with pytest.raises(ConfigError, match="layer_decay"):
+        train(resume=str(tmp_path / "r"), layer_decay=0.5)
 
 
 def test_make_ema_averages_parameters_and_batchnorm_buffers():
