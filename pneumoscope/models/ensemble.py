@@ -56,10 +56,13 @@ class Ensemble(nn.Module):
             x = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
         return (x - pre.mean[0]) / pre.std[0]
 
+    def member_logit(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Member ``i``'s uncalibrated logit (N, 1) of the ensemble's input ``x``."""
+        return self.members[i](self.member_input(x, i)).float()[:, :1]
+
     def member_probability(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Member ``i``'s calibrated probability (N, 1) of the ensemble's input ``x``."""
-        m, t, b = self.members[i], self.temperatures[i], self.biases[i]
-        return torch.sigmoid(m(self.member_input(x, i)).float()[:, :1] / t + b)
+        return torch.sigmoid(self.member_logit(x, i) / self.temperatures[i] + self.biases[i])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = torch.stack([self.member_probability(x, i) for i in range(len(self.members))]).mean(0)

@@ -72,7 +72,7 @@ class _MemberLogit(nn.Module):
         self.ensemble, self.i = ensemble, i
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ensemble.members[self.i](self.ensemble.member_input(x, self.i)).float()[:, :1]
+        return self.ensemble.member_logit(x, self.i)
 
 
 def _unit_max(cam):
